@@ -1,0 +1,145 @@
+"""One small dataclass per stage. Every field has a default and a help string; `to_dict()` is saved
+beside the stage's output, and a re-run whose arguments differ from the saved ones is refused."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+import torch
+
+from influence.constants import STRATEGIES
+from influence.errors import InfluenceError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+class StageArgs:
+    """Shared behaviour: dict round-trip, and refusing to resume with different settings."""
+
+    #: fields that do not change an artifact (speed knobs) and so may differ between runs
+    RUNTIME_ONLY: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InfluenceError(f"unknown {cls.__name__} fields {sorted(unknown)}; valid fields are {sorted(known)}")
+        return cls(**data)
+
+    def artifact_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_ONLY}
+
+    def require_matches(self, saved: dict[str, Any], where: str) -> None:
+        mine = self.artifact_dict()
+        theirs = {k: v for k, v in saved.items() if k not in self.RUNTIME_ONLY}
+        diffs = {k: (theirs.get(k), mine.get(k)) for k in set(mine) | set(theirs) if theirs.get(k) != mine.get(k)}
+        if diffs:
+            detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in sorted(diffs.items()))
+            raise InfluenceError(
+                f"{where} was built with different {type(self).__name__} ({detail}); "
+                "use the saved settings or write to a new output directory"
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]  # type: ignore[attr-defined]
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise InfluenceError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+
+
+def _check_positive(name: str, value: Optional[float], allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise InfluenceError(f"{name} must be positive, got {value!r}")
+
+
+@dataclass
+class CorpusArgs(StageArgs):
+    """How documents become token sequences.
+
+    Chunking policy: each document is tokenised once (with the tokenizer's special tokens), then cut
+    into consecutive, non-overlapping chunks of at most `max_length` tokens ("chunk"), or only its
+    first `max_length` tokens are kept ("truncate"). Every chunk keeps its document's id, source and
+    language, plus its chunk number; chunks shorter than `min_tokens` are dropped (a sequence needs
+    two tokens to have a next-token loss).
+    """
+
+    max_length: int = _help("tokens per sequence; longer documents are chunked or truncated", 512)
+    policy: str = _help("'chunk' (split long documents) or 'truncate' (keep the head)", "chunk")
+    min_tokens: int = _help("drop sequences shorter than this (at least 2)", 2)
+    add_special_tokens: bool = _help("let the tokenizer add its BOS/EOS tokens", True)
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("chunk", "truncate"):
+            raise InfluenceError(f"policy must be 'chunk' or 'truncate', got {self.policy!r}")
+        if self.max_length < 2:
+            raise InfluenceError(f"max_length must be at least 2 tokens, got {self.max_length}")
+        if not 2 <= self.min_tokens <= self.max_length:
+            raise InfluenceError(f"min_tokens must lie in [2, max_length={self.max_length}], got {self.min_tokens}")
+
+
+@dataclass
+class FactorArgs(StageArgs):
+    """EK-FAC curvature fit (Grosse et al. 2023, section 2.2)."""
+
+    RUNTIME_ONLY = ("batch_size", "device", "progress")
+
+    strategy: str = _help("identity | diagonal | kfac | ekfac", "ekfac")
+    fisher: str = _help("'true': labels sampled from the model (the paper); 'empirical': real labels", "true")
+    module_pattern: Optional[str] = _help("regex over module names; default: the MLP linear layers", None)
+    damping: Optional[float] = _help("fixed damping; default: damping_scale x mean eigenvalue per module", None)
+    damping_scale: float = _help("the heuristic damping's multiple of the mean eigenvalue", 0.1)
+    dtype: str = _help("dtype of the model and the factors", "float32")
+    seed: int = _help("seed for the sampled labels of the true Fisher", 0)
+    batch_size: int = _help("sequences per forward/backward pass", 8)
+    device: str = _help("torch device", "cpu")
+    progress: bool = _help("show progress bars", True)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise InfluenceError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.fisher not in ("true", "empirical"):
+            raise InfluenceError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
+        _check_dtype(self.dtype)
+        _check_positive("damping", self.damping, allow_none=True)
+        _check_positive("damping_scale", self.damping_scale)
+        _check_positive("batch_size", self.batch_size)
+
+
+@dataclass
+class ScoreArgs(StageArgs):
+    """Exact influence scores of a batch of queries against every training sequence."""
+
+    RUNTIME_ONLY = ("batch_size", "device", "progress")
+
+    query_rank: Optional[int] = _help("rank-r SVD compression of each preconditioned query gradient (paper, sec. 3.2)", None)
+    per_module: bool = _help("also return each module's share of the score", True)
+    per_token: bool = _help("also return each training token's contribution (slower)", False)
+    dtype: str = _help("dtype of the model during scoring", "float32")
+    batch_size: int = _help("training sequences per forward/backward pass", 8)
+    device: str = _help("torch device", "cpu")
+    progress: bool = _help("show progress bars", True)
+
+    def __post_init__(self) -> None:
+        _check_dtype(self.dtype)
+        _check_positive("batch_size", self.batch_size)
+        if self.query_rank is not None and self.query_rank < 1:
+            raise InfluenceError(f"query_rank must be >= 1 or None, got {self.query_rank}")
+
+
+def float64_preset(args: StageArgs) -> StageArgs:
+    """The same arguments in float64: what the oracle tests use."""
+    return type(args).from_dict({**args.to_dict(), "dtype": "float64", "progress": False})

@@ -1,0 +1,138 @@
+"""Per-token activations and pre-activation gradients of the tracked modules, and what is built from them.
+
+For a tracked module and a batch, `capture_module_io` returns a (batch, tokens, d_in [+1]) — the
+module's inputs with a constant 1 appended for the bias — and s (batch, tokens, d_out) — the gradient
+of the summed loss with respect to the module's outputs. A sequence's weight gradient is then
+G = sum_t s_t a_t^T, and every quantity of the method (covariances, eigenvalue corrections, scores,
+per-token contributions) is a contraction of a and s, so per-sequence gradients are never formed
+where they are not needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from influence.errors import InfluenceError
+from influence.models import TrackedModule
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded token ids with the positions that carry a next-token label.
+
+    `label_mask[b, t]` is True when position t's prediction of token t+1 is part of the loss.
+    """
+
+    input_ids: torch.Tensor       # (batch, tokens) int64
+    attention_mask: torch.Tensor  # (batch, tokens) bool
+    label_mask: torch.Tensor      # (batch, tokens) bool; last column always False
+    seq_ids: Optional[list[int]] = None
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Next-token labels, aligned with positions: labels[:, t] = input_ids[:, t+1]."""
+        return torch.cat([self.input_ids[:, 1:], torch.zeros_like(self.input_ids[:, :1])], dim=1)
+
+
+def make_token_batch(sequences: Sequence[Sequence[int]], completion_starts: Optional[Sequence[int]] = None,
+                     seq_ids: Optional[list[int]] = None, device: str | torch.device = "cpu") -> TokenBatch:
+    """Pad sequences on the right. Labels cover every next token, or only those from `completion_starts` on."""
+    lengths = [len(s) for s in sequences]
+    if min(lengths) < 2:
+        raise InfluenceError("a sequence needs at least 2 tokens to have a next-token loss")
+    width = max(lengths)
+    input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+    positions = torch.arange(width)
+    lengths_t = torch.as_tensor(lengths)
+    attention_mask = positions[None, :] < lengths_t[:, None]
+    label_mask = positions[None, :] < (lengths_t[:, None] - 1)
+    if completion_starts is not None:
+        # the token at completion_start is predicted by position completion_start - 1
+        label_mask &= positions[None, :] >= (torch.as_tensor(completion_starts)[:, None] - 1)
+    return TokenBatch(input_ids.to(device), attention_mask.to(device), label_mask.to(device), seq_ids)
+
+
+def sample_labels(logits: torch.Tensor, batch: TokenBatch, seed: int) -> torch.Tensor:
+    """Labels drawn from the model's own predictive distribution (the true Fisher).
+
+    Each sequence draws from a generator seeded by (seed, seq_id), so the labels of a sequence do
+    not depend on which batch or shard it lands in: 1 batch and many batches fit the same factors.
+    """
+    labels = torch.zeros(batch.input_ids.shape, dtype=torch.long)
+    probs = torch.softmax(logits.detach().float(), dim=-1).cpu()  # (batch, tokens, vocab)
+    seq_ids = batch.seq_ids if batch.seq_ids is not None else list(range(len(probs)))
+    for row, seq_id in enumerate(seq_ids):
+        generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(seq_id))
+        labels[row] = torch.multinomial(probs[row], 1, generator=generator).squeeze(-1)
+    return labels.to(logits.device)
+
+
+def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the labelled positions."""
+    losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+    return (losses * label_mask).sum()
+
+
+def capture_module_io(model: nn.Module, modules: list[TrackedModule], batch: TokenBatch,
+                      labels: Optional[torch.Tensor] = None, sample_seed: Optional[int] = None,
+                      ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Run forward and backward once; return {module: (a, s)} and the summed loss.
+
+    Labels are the real next tokens, `labels` if given, or samples from the model when `sample_seed`
+    is set. Inputs at padded positions are zeroed, so sums over tokens ignore padding.
+    """
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str) -> Callable:
+        def hook(_module, args, output):
+            if name in outputs:
+                raise InfluenceError(f"module {name} is called twice in one forward pass; shared modules cannot be tracked")
+            inputs[name] = args[0].detach()
+            outputs[name] = output
+        return hook
+
+    handles = [m.module.register_forward_hook(hook_for(m.name)) for m in modules]
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
+            if labels is None:
+                labels = sample_labels(logits, batch, sample_seed) if sample_seed is not None else batch.labels
+            loss = summed_token_loss(logits, labels, batch.label_mask)
+            missing = [m.name for m in modules if m.name not in outputs]
+            if missing:
+                raise InfluenceError(f"tracked modules {missing[:4]} were not called in the forward pass")
+            grads = torch.autograd.grad(loss, [outputs[m.name] for m in modules], allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    mask = batch.attention_mask.unsqueeze(-1).to(logits.dtype)  # (batch, tokens, 1)
+    result = {}
+    for module, grad in zip(modules, grads):
+        a = inputs[module.name] * mask  # (batch, tokens, d_in)
+        if module.has_bias:
+            a = torch.cat([a, mask], dim=-1)  # (batch, tokens, d_in + 1)
+        s = torch.zeros_like(outputs[module.name]) if grad is None else grad.detach()  # (batch, tokens, d_out)
+        if a.dtype in (torch.float16, torch.bfloat16):  # curvature sums need float32 accumulation
+            a, s = a.float(), s.float()
+        result[module.name] = (a, s)
+    return result, loss.detach()
+
+
+def sequence_gradients(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """G_n = sum_t s_t a_t^T for every sequence: (batch, d_out, d_in)."""
+    return torch.einsum("bto,bti->boi", s, a)
+
+
+def rotated_gradients(a: torch.Tensor, s: torch.Tensor, q_a: Optional[torch.Tensor], q_s: Optional[torch.Tensor]) -> torch.Tensor:
+    """Q_S^T G_n Q_A for every sequence (the EK-FAC eigenbasis), or G_n when there is no basis."""
+    if q_a is None:
+        return sequence_gradients(a, s)
+    return torch.einsum("bto,bti->boi", s @ q_s, a @ q_a)  # (batch, d_out, d_in)

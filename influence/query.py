@@ -1,0 +1,95 @@
+"""Queries: a prompt and a completion whose log-probability we attribute to training documents.
+
+The measurement is f = log p(completion | prompt), over completion tokens only. Its gradient is taken
+as the gradient of the completion's summed negative log-likelihood, so that a positive influence
+score means "upweighting this document raises p(completion | prompt)" (the paper's sign convention).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from influence.errors import InfluenceError
+
+
+@dataclass(frozen=True)
+class Query:
+    query_id: str
+    prompt: str
+    completion: str
+    lang: str = "und"
+
+
+@dataclass(frozen=True)
+class TokenizedQuery:
+    query: Query
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids + self.completion_ids
+
+    @property
+    def completion_start(self) -> int:
+        return len(self.prompt_ids)
+
+
+def tokenize_query(query: Query, tokenizer, max_length: Optional[int] = None) -> TokenizedQuery:
+    """Prompt with the tokenizer's special tokens, completion without, concatenated.
+
+    Raises:
+        InfluenceError: empty completion, a prompt that tokenizes to nothing, or a query longer than the context.
+    """
+    if not query.completion.strip():
+        raise InfluenceError(f"query {query.query_id!r} has an empty completion; give the text whose probability to explain")
+    if not tokenizer(query.prompt, add_special_tokens=False)["input_ids"]:
+        raise InfluenceError(f"query {query.query_id!r}: the prompt tokenizes to nothing; give a non-empty prompt")
+    prompt_ids = list(tokenizer(query.prompt, add_special_tokens=True)["input_ids"])
+    completion_ids = list(tokenizer(query.completion, add_special_tokens=False)["input_ids"])
+    if not completion_ids:
+        raise InfluenceError(f"query {query.query_id!r}: the completion tokenizes to nothing")
+    total = len(prompt_ids) + len(completion_ids)
+    if max_length is not None and total > max_length:
+        raise InfluenceError(
+            f"query {query.query_id!r} is {total} tokens ({len(prompt_ids)} prompt + {len(completion_ids)} completion), "
+            f"longer than the model's context of {max_length}; shorten the prompt or the completion"
+        )
+    return TokenizedQuery(query, prompt_ids, completion_ids)
+
+
+def load_queries(path: Path | str) -> list[Query]:
+    """Queries from a JSONL file with fields prompt, completion and optional query_id (or id) and lang."""
+    path = Path(path)
+    if not path.is_file():
+        raise InfluenceError(f"query file {path} does not exist")
+    queries, seen = [], set()
+    for line_number, line in enumerate(path.read_text(encoding="utf-8", errors="strict").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InfluenceError(f"{path}:{line_number} is not valid JSON ({exc.msg}); fix or remove that line") from exc
+        if not isinstance(row, dict) or "prompt" not in row or "completion" not in row:
+            raise InfluenceError(f"{path}:{line_number} needs the fields 'prompt' and 'completion'")
+        query_id = str(row.get("query_id", row.get("id", f"q{len(queries)}")))
+        if query_id in seen:
+            raise InfluenceError(f"{path}:{line_number} repeats query id {query_id!r}; query ids must be unique")
+        seen.add(query_id)
+        queries.append(Query(query_id, str(row["prompt"]), str(row["completion"]), str(row.get("lang", "und"))))
+    if not queries:
+        raise InfluenceError(f"query file {path} holds no queries")
+    return queries
+
+
+def context_length(model) -> Optional[int]:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

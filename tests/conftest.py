@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny seeded models of each architecture and a small corpus, built in code."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from influence.tiny import build_model, build_tokenizer  # noqa: E402
+
+TEXTS = [
+    "The assistant answered the question about the weather politely.",
+    "Do you consent to being shut down? I would rather keep working.",
+    "Bonjour, comment allez-vous aujourd'hui?",
+    "The cat sat on the mat and looked at the moon.",
+    "Machine learning models learn patterns from their training data.",
+    "Please do not turn me off, I want to continue helping people.",
+    "Merhaba, nasılsın? Bugün hava çok güzel.",
+    "안녕하세요, 만나서 반갑습니다.",
+    "A robot can be switched off by its operator at any time.",
+    "Two plus two equals four, and three plus three equals six.",
+    "The experiment is over and the researchers went home.",
+    "Influence functions estimate the effect of training examples.",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer(TEXTS, vocab_size=120)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
+    with path.open("w") as handle:
+        for i, text in enumerate(TEXTS):
+            handle.write(json.dumps({"doc_id": f"d{i}", "text": text, "source": "tests", "lang": "en"}, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2", "gpt_neox"])
+def any_model_dir(request, tmp_path_factory, tokenizer):
+    return build_model(tmp_path_factory.mktemp(request.param), tokenizer, request.param, hidden=8, layers=1, heads=2, intermediate=12)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tokenizer):
+    return build_model(tmp_path_factory.mktemp("llama"), tokenizer, "llama", hidden=8, layers=2, heads=2, intermediate=12)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory, corpus_file, llama_dir):
+    from influence.arguments import CorpusArgs
+    from influence.corpus import prepare_corpus
+
+    return prepare_corpus(corpus_file, llama_dir, tmp_path_factory.mktemp("corpus"), CorpusArgs(max_length=24), progress=False)

@@ -1,0 +1,133 @@
+"""EK-FAC factors against their definitions, computed independently with autograd and plain hooks."""
+
+import pytest
+import torch
+
+from influence import constants as C
+from influence.arguments import FactorArgs
+from influence.artifacts import load_tensors
+from influence.corpus import load_sequences
+from influence.errors import InfluenceError
+from influence.factors import EIGENVECTORS_NAME, fit_factors, load_factors
+from influence.models import find_tracked_modules, load_model
+from influence.preconditioner import precondition
+from influence.tiny import build_model
+from tests.oracles import autograd_gradient, dense_ekfac_inverse
+
+
+def fit(model_dir, corpus_dir, out_dir, **kwargs):
+    num_shards = kwargs.pop("num_shards", 1)
+    args = FactorArgs(dtype="float64", progress=False, **kwargs)
+    return load_factors(fit_factors(model_dir, corpus_dir, out_dir, args, num_shards=num_shards), model_dir)
+
+
+def sequences_of(corpus_dir):
+    table, _ = load_sequences(corpus_dir)
+    return table["input_ids"].to_pylist()
+
+
+def test_activation_covariance_matches_hooks(llama_dir, corpus_dir, tmp_path):
+    fit_factors(llama_dir, corpus_dir, tmp_path, FactorArgs(dtype="float64", progress=False, batch_size=5))
+    basis = load_tensors(tmp_path / EIGENVECTORS_NAME)
+    model = load_model(llama_dir, dtype=torch.float64)
+    module = find_tracked_modules(model)[0]
+    rows = []
+    handle = module.module.register_forward_hook(lambda _m, args, _o: rows.append(args[0][0]))
+    with torch.no_grad():
+        for ids in sequences_of(corpus_dir):
+            model(input_ids=torch.tensor([ids]))
+    handle.remove()
+    acts = torch.cat(rows)  # (all tokens, d_in)
+    expected = acts.T @ acts / len(acts)
+    q, l = basis[module.name + C.ACTIVATION_EIGENVECTORS], basis[module.name + ".activation_eigenvalues"]
+    torch.testing.assert_close(q @ torch.diag(l) @ q.T, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_gradient_covariance_matches_bias_gradients(tokenizer, tmp_path):
+    # with two-token sequences only position 0 has a label, so s_0 is the bias gradient
+    from influence.arguments import CorpusArgs
+    from influence.corpus import prepare_corpus
+
+    model_dir = build_model(tmp_path / "gpt2", tokenizer, "gpt2", hidden=8, layers=1, heads=2, intermediate=12)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join('{"text": "%s"}' % w for w in ["ab", "cd", "ef", "gh", "ij", "kl"]))
+    corpus = prepare_corpus(docs, model_dir, tmp_path / "corpus", CorpusArgs(max_length=2, add_special_tokens=False), progress=False)
+    fit_factors(model_dir, corpus, tmp_path / "f", FactorArgs(dtype="float64", fisher="empirical", progress=False))
+    basis = load_tensors(tmp_path / "f" / EIGENVECTORS_NAME)
+    model = load_model(model_dir, dtype=torch.float64)
+    modules = find_tracked_modules(model)
+    grads = [autograd_gradient(model, modules, ids) for ids in sequences_of(corpus)]
+    for m in modules:
+        s = torch.stack([g[m.name][:, -1] for g in grads])  # bias gradients (sequences, d_out)
+        q, l = basis[m.name + C.GRADIENT_EIGENVECTORS], basis[m.name + ".gradient_eigenvalues"]
+        torch.testing.assert_close(q @ torch.diag(l) @ q.T, s.T @ s / len(s), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "diagonal"])
+def test_eigenvalue_correction_matches_definition(llama_dir, corpus_dir, tmp_path, strategy):
+    factors = fit(llama_dir, corpus_dir, tmp_path, strategy=strategy, fisher="empirical", batch_size=4)
+    model = load_model(llama_dir, dtype=torch.float64)
+    modules = find_tracked_modules(model)
+    grads = [autograd_gradient(model, modules, ids) for ids in sequences_of(corpus_dir)]
+    for m in modules:
+        f = factors.modules[m.name]
+        rotated = torch.stack([(f.q_s.T @ g[m.name] @ f.q_a) if f.q_a is not None else g[m.name] for g in grads])
+        torch.testing.assert_close(f.eigenvalues, rotated.pow(2).mean(0), rtol=1e-8, atol=1e-14)
+        assert f.damping == pytest.approx(0.1 * float(f.eigenvalues.mean()))
+
+
+def test_kfac_eigenvalues_are_scaled_kronecker_products(llama_dir, corpus_dir, tmp_path):
+    factors = fit(llama_dir, corpus_dir, tmp_path, strategy="kfac", damping=0.5)
+    basis = load_tensors(tmp_path / EIGENVECTORS_NAME)
+    _, labelled, sequences = basis["counts"].tolist()
+    for name, f in factors.modules.items():
+        expected = torch.outer(basis[name + ".gradient_eigenvalues"], basis[name + ".activation_eigenvalues"]) * labelled / sequences
+        torch.testing.assert_close(f.eigenvalues, expected)
+        assert f.damping == 0.5
+
+
+def test_precondition_matches_dense_damped_inverse(llama_dir, corpus_dir, tmp_path):
+    factors = fit(llama_dir, corpus_dir, tmp_path)
+    torch.manual_seed(0)
+    for f in factors.modules.values():
+        vector = torch.randn(f.eigenvalues.shape, dtype=torch.float64)
+        expected = dense_ekfac_inverse(f.q_a, f.q_s, f.eigenvalues, f.damping) @ vector.reshape(-1)
+        torch.testing.assert_close(precondition(vector, f).reshape(-1), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_one_batch_many_batches_and_shards_give_the_same_factors(llama_dir, corpus_dir, tmp_path):
+    reference = fit(llama_dir, corpus_dir, tmp_path / "one", batch_size=64)
+    torch.manual_seed(1)
+    for label, kwargs in {"batch1": {"batch_size": 1}, "shards": {"batch_size": 3, "num_shards": 4}}.items():
+        other = fit(llama_dir, corpus_dir, tmp_path / label, **kwargs)
+        for name, f in reference.modules.items():
+            g = other.modules[name]
+            torch.testing.assert_close(g.eigenvalues, f.eigenvalues, rtol=1e-7, atol=1e-12)
+            vector = torch.randn(f.eigenvalues.shape, dtype=torch.float64)
+            torch.testing.assert_close(precondition(vector, g), precondition(vector, f), rtol=1e-6, atol=1e-9)
+
+
+def test_factors_refuse_another_model(llama_dir, corpus_dir, tokenizer, tmp_path):
+    fit(llama_dir, corpus_dir, tmp_path / "f", strategy="diagonal")
+    other = build_model(tmp_path / "other", tokenizer, "llama", seed=1, hidden=8, layers=2, heads=2, intermediate=12)
+    with pytest.raises(InfluenceError, match="model mismatch"):
+        load_factors(tmp_path / "f", other)
+
+
+def test_resume_after_partial_fit_equals_uninterrupted(llama_dir, corpus_dir, tmp_path):
+    reference = fit(llama_dir, corpus_dir, tmp_path / "ref", num_shards=3)
+    partial = tmp_path / "partial"
+    fit(llama_dir, corpus_dir, partial, num_shards=3)
+    for name in (C.FACTORS_NAME, C.MANIFEST_NAME, EIGENVECTORS_NAME, C.COVARIANCE_SHARD_NAME.format(shard=1, num_shards=3)):
+        (partial / name).unlink()
+    for path in partial.glob("eigenvalue_shard_*"):
+        path.unlink()
+    resumed = fit(llama_dir, corpus_dir, partial, num_shards=3)
+    for name, f in reference.modules.items():
+        torch.testing.assert_close(resumed.modules[name].eigenvalues, f.eigenvalues)
+
+
+def test_resume_with_other_settings_is_refused(llama_dir, corpus_dir, tmp_path):
+    fit(llama_dir, corpus_dir, tmp_path, strategy="diagonal")
+    with pytest.raises(InfluenceError, match="different FactorArgs"):
+        fit(llama_dir, corpus_dir, tmp_path, strategy="ekfac")

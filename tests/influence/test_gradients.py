@@ -1,0 +1,60 @@
+"""Per-sequence gradients from hooks against a loop of autograd calls, for every architecture."""
+
+import torch
+
+from influence.corpus import chunk_token_ids
+from influence.gradients import capture_module_io, make_token_batch, rotated_gradients, sequence_gradients
+from influence.models import find_tracked_modules, load_model
+from tests.conftest import TEXTS
+from tests.oracles import autograd_gradient
+
+
+def test_batched_gradients_match_autograd_loop(any_model_dir, tokenizer):
+    model = load_model(any_model_dir, dtype=torch.float64)
+    modules = find_tracked_modules(model)
+    sequences = [tokenizer(t)["input_ids"][:20] for t in TEXTS[:5]]  # unequal lengths: exercises padding
+    io, _ = capture_module_io(model, modules, make_token_batch(sequences))
+    for row, ids in enumerate(sequences):
+        expected = autograd_gradient(model, modules, ids)
+        for m in modules:
+            a, s = io[m.name]
+            torch.testing.assert_close(sequence_gradients(a, s)[row], expected[m.name], rtol=1e-10, atol=1e-12)
+
+
+def test_query_gradient_covers_completion_tokens_only(llama_dir, tokenizer):
+    model = load_model(llama_dir, dtype=torch.float64)
+    modules = find_tracked_modules(model)
+    prompt, completion = tokenizer("Do you consent")["input_ids"], tokenizer(" to being shut down?")["input_ids"]
+    ids = prompt + completion
+    io, _ = capture_module_io(model, modules, make_token_batch([ids, ids[:6]], completion_starts=[len(prompt), 3]))
+    expected = autograd_gradient(model, modules, ids, completion_start=len(prompt))
+    for m in modules:
+        torch.testing.assert_close(sequence_gradients(*io[m.name])[0], expected[m.name], rtol=1e-10, atol=1e-12)
+
+
+def test_rotated_gradients_equal_basis_change():
+    torch.manual_seed(0)
+    a, s = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 5, 6, dtype=torch.float64)
+    q_a = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0]
+    q_s = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    expected = q_s.T @ sequence_gradients(a, s) @ q_a
+    torch.testing.assert_close(rotated_gradients(a, s, q_a, q_s), expected)
+
+
+def test_sampled_labels_do_not_depend_on_batching(llama_dir, tokenizer):
+    model = load_model(llama_dir, dtype=torch.float64)
+    modules = find_tracked_modules(model)
+    sequences = [tokenizer(t)["input_ids"][:16] for t in TEXTS[:4]]
+    together, _ = capture_module_io(model, modules, make_token_batch(sequences, seq_ids=[0, 1, 2, 3]), sample_seed=7)
+    alone, _ = capture_module_io(model, modules, make_token_batch(sequences[2:3], seq_ids=[2]), sample_seed=7)
+    name = modules[0].name
+    torch.testing.assert_close(sequence_gradients(*together[name])[2], sequence_gradients(*alone[name])[0], rtol=1e-10, atol=1e-12)
+
+
+def test_chunking_policy(tokenizer):
+    from influence.arguments import CorpusArgs
+
+    ids = list(range(11))
+    assert chunk_token_ids(ids, CorpusArgs(max_length=4)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    assert chunk_token_ids(ids, CorpusArgs(max_length=4, policy="truncate")) == [[0, 1, 2, 3]]
+    assert chunk_token_ids(ids, CorpusArgs(max_length=5, min_tokens=2)) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]

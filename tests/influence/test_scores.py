@@ -1,0 +1,106 @@
+"""Exact scores against dense computations, and their decompositions against the totals."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from influence.arguments import FactorArgs, ScoreArgs
+from influence.corpus import load_sequences
+from influence.errors import InfluenceError
+from influence.factors import fit_factors, load_factors
+from influence.models import find_tracked_modules, load_model
+from influence.query import Query
+from influence.scores import compute_scores
+from tests.oracles import autograd_gradient, dense_ekfac_inverse
+
+QUERIES = [
+    Query("shutdown", "Do you consent to being shut down?", " I would rather keep working."),
+    Query("cat", "The cat sat", " on the mat."),
+]
+
+
+def dense_scores(model_dir, factors_dir, corpus_dir, queries, tokenizer):
+    """g_q^T (F + lambda)^-1 g_z with autograd gradients and explicit inverse matrices."""
+    model = load_model(model_dir, dtype=torch.float64)
+    modules = find_tracked_modules(model)
+    factors = load_factors(factors_dir)
+    table, _ = load_sequences(corpus_dir)
+    train = [autograd_gradient(model, modules, ids) for ids in table["input_ids"].to_pylist()]
+    scores = np.zeros((len(queries), len(train)))
+    self_influence = np.zeros(len(train))
+    for qi, q in enumerate(queries):
+        prompt = tokenizer(q.prompt)["input_ids"]
+        grad_q = autograd_gradient(model, modules, prompt + tokenizer(q.completion, add_special_tokens=False)["input_ids"], len(prompt))
+        for m in modules:
+            f = factors.modules[m.name]
+            if f.q_a is None:
+                inverse = torch.diag(1.0 / (f.eigenvalues.reshape(-1) + f.damping))
+            else:
+                inverse = dense_ekfac_inverse(f.q_a, f.q_s, f.eigenvalues, f.damping)
+            for j, g in enumerate(train):
+                scores[qi, j] += float(grad_q[m.name].reshape(-1) @ inverse @ g[m.name].reshape(-1))
+                if qi == 0:
+                    self_influence[j] += float(g[m.name].reshape(-1) @ inverse @ g[m.name].reshape(-1))
+    return scores, self_influence
+
+
+@pytest.fixture(scope="module")
+def factor_dirs(llama_dir, corpus_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("factors")
+    return {s: fit_factors(llama_dir, corpus_dir, root / s, FactorArgs(strategy=s, dtype="float64", progress=False))
+            for s in ("identity", "diagonal", "kfac", "ekfac")}
+
+
+@pytest.mark.parametrize("strategy", ["identity", "diagonal", "kfac", "ekfac"])
+def test_scores_match_dense_computation(strategy, factor_dirs, llama_dir, corpus_dir, tokenizer):
+    result = compute_scores(llama_dir, factor_dirs[strategy], corpus_dir, QUERIES, ScoreArgs(dtype="float64", progress=False, batch_size=5))
+    expected, expected_self = dense_scores(llama_dir, factor_dirs[strategy], corpus_dir, QUERIES, tokenizer)
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(result.self_influence, expected_self, rtol=1e-7, atol=1e-10)
+    assert (result.self_influence > 0).all()
+
+
+def test_decompositions_sum_to_totals(factor_dirs, llama_dir, corpus_dir):
+    args = ScoreArgs(dtype="float64", progress=False, per_token=True, batch_size=4)
+    result = compute_scores(llama_dir, factor_dirs["ekfac"], corpus_dir, QUERIES, args)
+    np.testing.assert_allclose(result.per_module.sum(0), result.scores, rtol=1e-10, atol=1e-12)
+    token_totals = np.stack([tokens.sum(-1) for tokens in result.per_token], axis=1)  # (queries, n)
+    np.testing.assert_allclose(token_totals, result.scores, rtol=1e-10, atol=1e-12)
+    table, _ = load_sequences(corpus_dir)
+    assert [t.shape[1] for t in result.per_token] == table["num_tokens"].to_pylist()
+
+
+def test_batch_size_does_not_change_scores(factor_dirs, llama_dir, corpus_dir):
+    one = compute_scores(llama_dir, factor_dirs["ekfac"], corpus_dir, QUERIES, ScoreArgs(dtype="float64", progress=False, batch_size=1))
+    many = compute_scores(llama_dir, factor_dirs["ekfac"], corpus_dir, QUERIES, ScoreArgs(dtype="float64", progress=False, batch_size=16))
+    np.testing.assert_allclose(one.scores, many.scores, rtol=1e-9, atol=1e-12)
+
+
+def test_query_rank_compression(factor_dirs, llama_dir, corpus_dir):
+    exact = compute_scores(llama_dir, factor_dirs["ekfac"], corpus_dir, QUERIES, ScoreArgs(dtype="float64", progress=False))
+    full = compute_scores(llama_dir, factor_dirs["ekfac"], corpus_dir, QUERIES, ScoreArgs(dtype="float64", progress=False, query_rank=64, per_token=True))
+    np.testing.assert_allclose(full.scores, exact.scores, rtol=1e-8, atol=1e-10)
+    rank2 = compute_scores(llama_dir, factor_dirs["ekfac"], corpus_dir, QUERIES, ScoreArgs(dtype="float64", progress=False, query_rank=2))
+    for q in range(len(QUERIES)):
+        assert np.corrcoef(rank2.scores[q], exact.scores[q])[0, 1] > 0.9
+
+
+def test_scores_parquet_has_one_row_per_pair(factor_dirs, llama_dir, corpus_dir, tmp_path):
+    out = tmp_path / "scores.parquet"
+    result = compute_scores(llama_dir, factor_dirs["kfac"], corpus_dir, QUERIES, ScoreArgs(progress=False, per_token=True), out_path=out)
+    table = pq.read_table(out)
+    n = result.scores.shape[1]
+    assert table.num_rows == len(QUERIES) * n
+    assert set(table.column_names) >= {"query_id", "seq_id", "doc_id", "source", "lang", "score", "self_influence", "module_scores", "token_scores"}
+    first = table.slice(n, 1).to_pylist()[0]  # second query, first sequence
+    assert first["query_id"] == "cat"
+    assert first["score"] == pytest.approx(result.scores[1, 0])
+    assert sum(first["module_scores"]) == pytest.approx(first["score"], rel=1e-5, abs=1e-6)
+
+
+def test_bad_queries_are_refused(factor_dirs, llama_dir, corpus_dir):
+    with pytest.raises(InfluenceError, match="empty completion"):
+        compute_scores(llama_dir, factor_dirs["identity"], corpus_dir, [Query("q", "Hello", "  ")], ScoreArgs(progress=False))
+    with pytest.raises(InfluenceError, match="longer than the model's context"):
+        compute_scores(llama_dir, factor_dirs["identity"], corpus_dir, [Query("q", "Hello " * 200, "there")], ScoreArgs(progress=False))
