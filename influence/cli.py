@@ -1,0 +1,164 @@
+"""The `influence` command line. Each subcommand runs one stage; its options come from the stage's dataclass.
+
+Errors in the input (InfluenceError) print one line, `error: <problem>; <fix>`, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from influence.arguments import CorpusArgs, FactorArgs, ScoreArgs
+from influence.errors import InfluenceError
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> None:
+    """One `--field-name` option per dataclass field, with its default and help string."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        parser.add_argument(flag, dest=f.name, type=base, default=f.default, help=help_text)
+
+
+def dataclass_from(namespace: argparse.Namespace, cls):
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)})
+
+
+def prepared_corpus(corpus: Path, model: Path, out_dir: Path, namespace: argparse.Namespace) -> Path:
+    """A corpus directory as is, or documents tokenised into `out_dir/corpus` first."""
+    from influence.constants import MANIFEST_NAME
+    from influence.corpus import prepare_corpus
+
+    if corpus.is_dir() and (corpus / MANIFEST_NAME).exists():
+        return corpus
+    return prepare_corpus(corpus, model, out_dir / "corpus", dataclass_from(namespace, CorpusArgs), progress=namespace.progress)
+
+
+def corpus_options(parser):
+    parser.add_argument("--documents", type=Path, required=True, help="Parquet/JSONL file or datasets folder with a 'text' column")
+    parser.add_argument("--model", type=Path, required=True, help="model directory (its tokenizer is used)")
+    parser.add_argument("--out", type=Path, required=True, help="output corpus directory")
+    add_dataclass_options(parser, CorpusArgs)
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def corpus_run(ns):
+    from influence.corpus import prepare_corpus
+
+    out = prepare_corpus(ns.documents, ns.model, ns.out, dataclass_from(ns, CorpusArgs), progress=ns.progress)
+    print(f"corpus written to {out}")
+    return 0
+
+
+def fit_options(parser):
+    parser.add_argument("--model", type=Path, required=True, help="model directory written by save_pretrained")
+    parser.add_argument("--corpus", type=Path, required=True, help="corpus directory, or documents to tokenise into OUT/corpus")
+    parser.add_argument("--out", type=Path, required=True, help="output factors directory")
+    parser.add_argument("--num-shards", type=int, default=1, help="split each pass into this many resumable shards")
+    add_dataclass_options(parser, FactorArgs)
+    add_dataclass_options(parser, CorpusArgs, skip=("add_special_tokens",))
+
+
+def fit_run(ns):
+    from influence.factors import fit_factors
+
+    corpus = prepared_corpus(ns.corpus, ns.model, ns.out, ns)
+    out = fit_factors(ns.model, corpus, ns.out, dataclass_from(ns, FactorArgs), num_shards=ns.num_shards)
+    print(f"factors written to {out}")
+    return 0
+
+
+def add_query_options(parser) -> None:
+    parser.add_argument("--prompt", help="the query's prompt")
+    parser.add_argument("--completion", help="the completion whose log-probability is explained")
+    parser.add_argument("--queries", type=Path, help="JSONL file of {query_id, prompt, completion, lang}")
+
+
+def queries_from(ns):
+    from influence.query import Query, load_queries
+
+    if ns.queries is not None:
+        if ns.prompt is not None or ns.completion is not None:
+            raise InfluenceError("give either --queries or --prompt/--completion, not both")
+        return load_queries(ns.queries)
+    if ns.prompt is None or ns.completion is None:
+        raise InfluenceError("a query needs --prompt and --completion (or --queries FILE)")
+    return [Query("query", ns.prompt, ns.completion)]
+
+
+def score_options(parser):
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--factors", type=Path, required=True, help="factors directory from `influence fit`")
+    parser.add_argument("--corpus", type=Path, required=True, help="corpus directory from `influence corpus` (or `fit`)")
+    parser.add_argument("--out", type=Path, required=True, help="output Parquet file")
+    parser.add_argument("--top", type=int, default=5, help="documents to print per query and sign")
+    add_query_options(parser)
+    add_dataclass_options(parser, ScoreArgs)
+
+
+def score_run(ns):
+    import numpy as np
+
+    from influence.corpus import load_sequences
+    from influence.scores import compute_scores
+
+    if ns.out.suffix != ".parquet":
+        raise InfluenceError(f"--out must name a .parquet file, got {ns.out}")
+    queries = queries_from(ns)
+    result = compute_scores(ns.model, ns.factors, ns.corpus, queries, dataclass_from(ns, ScoreArgs), out_path=ns.out)
+    sequences, _ = load_sequences(ns.corpus)
+    for qi, query_id in enumerate(result.query_ids):
+        order = np.argsort(-result.scores[qi])
+        print(f"\n== {query_id}: most positive / most negative influence ==")
+        for label, rows in (("+", order[: ns.top]), ("-", order[::-1][: ns.top])):
+            for row in rows:
+                seq = int(result.seq_ids[row])
+                text = sequences["text"][seq].as_py().replace("\n", " ")
+                print(f" {label} {result.scores[qi, row]:+.4e}  {sequences['doc_id'][seq].as_py():<24} {text[:70]}")
+    print(f"\nscores written to {ns.out}")
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "corpus": ("tokenise documents (Parquet, JSONL or a datasets folder) into sequences", corpus_options, corpus_run),
+    "fit": ("fit EK-FAC (or kfac/diagonal/identity) factors over a corpus", fit_options, fit_run),
+    "score": ("exact influence of every training sequence on one or more queries", score_options, score_run),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="influence", description="Which training documents made the model say this?")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_options, _run) in COMMANDS.items():
+        add_options(subparsers.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[ns.command][2](ns)
+    except InfluenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
