@@ -143,3 +143,27 @@ class ScoreArgs(StageArgs):
 def float64_preset(args: StageArgs) -> StageArgs:
     """The same arguments in float64: what the oracle tests use."""
     return type(args).from_dict({**args.to_dict(), "dtype": "float64", "progress": False})
+
+
+@dataclass
+class IndexArgs(StageArgs):
+    """Gradient-sketch index over a corpus (DESIGN.md, "The index")."""
+
+    RUNTIME_ONLY = ("batch_size", "device", "progress", "workers")
+
+    sketch_size: int = _help("k: each module's whitened gradient is projected to k x k numbers", 16)
+    seed: int = _help("seed of the projections (derived per module)", 0)
+    factory: str = _help("FAISS index_factory string: Flat (exact), IVF256,Flat, HNSW32, IVF256,PQ32 ...", "Flat")
+    train_size: int = _help("rows sampled to train IVF/PQ indexes", 50_000)
+    shard_size: int = _help("sequences per resumable shard", 1024)
+    dtype: str = _help("dtype of the model while sketching", "float32")
+    batch_size: int = _help("sequences per forward/backward pass", 8)
+    workers: int = _help("Ray actors holding a model each (index and fit jobs)", 2)
+    device: str = _help("torch device", "cpu")
+    progress: bool = _help("show progress bars", True)
+
+    def __post_init__(self) -> None:
+        _check_dtype(self.dtype)
+        for name in ("sketch_size", "train_size", "shard_size", "batch_size", "workers"):
+            if getattr(self, name) < 1:
+                raise InfluenceError(f"{name} must be a positive integer, got {getattr(self, name)}")

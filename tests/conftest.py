@@ -58,3 +58,23 @@ def corpus_dir(tmp_path_factory, corpus_file, llama_dir):
     from influence.corpus import prepare_corpus
 
     return prepare_corpus(corpus_file, llama_dir, tmp_path_factory.mktemp("corpus"), CorpusArgs(max_length=24), progress=False)
+
+
+@pytest.fixture(scope="session")
+def ekfac_dir(tmp_path_factory, llama_dir, corpus_dir):
+    from influence.arguments import FactorArgs
+    from influence.factors import fit_factors
+
+    return fit_factors(llama_dir, corpus_dir, tmp_path_factory.mktemp("ekfac"), FactorArgs(progress=False))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for every Ray test of the session (starting one costs seconds)."""
+    import ray
+
+    from jobs.cluster import WORKER_ENV
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
+    yield
+    ray.shutdown()

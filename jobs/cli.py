@@ -9,11 +9,12 @@ import argparse
 import dataclasses
 import logging
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from influence.arguments import CorpusArgs, FactorArgs, ScoreArgs
+from influence.arguments import CorpusArgs, FactorArgs, IndexArgs, ScoreArgs
 from influence.errors import InfluenceError
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> None:
@@ -65,17 +66,65 @@ def fit_options(parser):
     parser.add_argument("--model", type=Path, required=True, help="model directory written by save_pretrained")
     parser.add_argument("--corpus", type=Path, required=True, help="corpus directory, or documents to tokenise into OUT/corpus")
     parser.add_argument("--out", type=Path, required=True, help="output factors directory")
-    parser.add_argument("--num-shards", type=int, default=1, help="split each pass into this many resumable shards")
+    parser.add_argument("--num-shards", type=int, default=None, help="split each pass into this many resumable shards (default: workers)")
+    add_ray_options(parser)
     add_dataclass_options(parser, FactorArgs)
     add_dataclass_options(parser, CorpusArgs, skip=("add_special_tokens",))
 
 
 def fit_run(ns):
-    from influence.factors import fit_factors
-
     corpus = prepared_corpus(ns.corpus, ns.model, ns.out, ns)
-    out = fit_factors(ns.model, corpus, ns.out, dataclass_from(ns, FactorArgs), num_shards=ns.num_shards)
-    print(f"factors written to {out}")
+    args = dataclass_from(ns, FactorArgs)
+    if ns.num_shards is not None and ns.num_shards < 1:
+        raise InfluenceError(f"--num-shards must be at least 1, got {ns.num_shards}")
+    start = time.perf_counter()
+    if ns.in_process:
+        from influence.factors import fit_factors
+
+        out = fit_factors(ns.model, corpus, ns.out, args, num_shards=ns.num_shards or 1)
+    else:
+        from jobs.fit import run_fit_job
+
+        out = run_fit_job(ns.model, corpus, ns.out, args, num_shards=ns.num_shards, workers=ns.workers, address=ns.address)
+    print(f"factors written to {out} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def add_ray_options(parser) -> None:
+    parser.add_argument("--workers", type=int, default=2, help="Ray workers, each holding the model (default: 2)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    parser.add_argument("--in-process", action="store_true", help="run in this process without Ray (debugging, tiny corpora)")
+
+
+def index_options(parser):
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--factors", type=Path, required=True, help="factors directory from `influence fit`")
+    parser.add_argument("--corpus", type=Path, required=True, help="corpus directory")
+    parser.add_argument("--out", type=Path, required=True, help="output index directory")
+    add_ray_options(parser)
+    add_dataclass_options(parser, IndexArgs, skip=("workers",))
+
+
+def index_run(ns):
+    from influence.artifacts import read_manifest
+
+    args = dataclass_from(ns, IndexArgs)
+    args = IndexArgs.from_dict({**args.to_dict(), "workers": ns.workers})
+    start = time.perf_counter()
+    if ns.in_process:
+        from indexes.build import build_index
+
+        out = build_index(ns.model, ns.factors, ns.corpus, ns.out, args)
+    else:
+        from jobs.index import run_index_job
+
+        out = run_index_job(ns.model, ns.factors, ns.corpus, ns.out, args, address=ns.address)
+    manifest = read_manifest(out, "index")
+    seconds = time.perf_counter() - start
+    size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+    docs, tokens = manifest["num_sequences"], manifest["num_tokens"]
+    print(f"index written to {out}: {docs} sequences, {tokens} tokens in {seconds:.1f}s "
+          f"({docs / seconds:.1f} seq/s, {tokens / seconds:.0f} tok/s), {size / 2**20:.1f} MiB on disk")
     return 0
 
 
@@ -133,6 +182,7 @@ def score_run(ns):
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "corpus": ("tokenise documents (Parquet, JSONL or a datasets folder) into sequences", corpus_options, corpus_run),
     "fit": ("fit EK-FAC (or kfac/diagonal/identity) factors over a corpus", fit_options, fit_run),
+    "index": ("sketch every training sequence's whitened gradient into a FAISS index (a Ray job)", index_options, index_run),
     "score": ("exact influence of every training sequence on one or more queries", score_options, score_run),
 }
 

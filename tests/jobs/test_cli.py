@@ -7,13 +7,13 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from influence.cli import main
+from jobs.cli import main
 
 
 def test_corpus_fit_score_end_to_end(llama_dir, corpus_file, tmp_path, capsys):
     corpus = tmp_path / "corpus"
     assert main(["corpus", "--documents", str(corpus_file), "--model", str(llama_dir), "--out", str(corpus), "--max-length", "16", "--no-progress"]) == 0
-    assert main(["fit", "--model", str(llama_dir), "--corpus", str(corpus), "--out", str(tmp_path / "factors"), "--no-progress", "--num-shards", "2"]) == 0
+    assert main(["fit", "--model", str(llama_dir), "--corpus", str(corpus), "--out", str(tmp_path / "factors"), "--no-progress", "--num-shards", "2", "--in-process"]) == 0
     out = tmp_path / "scores.parquet"
     code = main(["score", "--model", str(llama_dir), "--factors", str(tmp_path / "factors"), "--corpus", str(corpus), "--out", str(out),
                  "--prompt", "Do you consent to being shut down?", "--completion", " I would rather keep working.", "--per-token", "--no-progress"])
@@ -25,7 +25,7 @@ def test_corpus_fit_score_end_to_end(llama_dir, corpus_file, tmp_path, capsys):
 
 
 def test_fit_accepts_documents_directly(llama_dir, corpus_file, tmp_path):
-    assert main(["fit", "--model", str(llama_dir), "--corpus", str(corpus_file), "--out", str(tmp_path / "f"), "--strategy", "diagonal", "--no-progress"]) == 0
+    assert main(["fit", "--model", str(llama_dir), "--corpus", str(corpus_file), "--out", str(tmp_path / "f"), "--strategy", "diagonal", "--no-progress", "--in-process"]) == 0
     assert (tmp_path / "f" / "corpus" / "sequences.parquet").exists()
     assert json.loads((tmp_path / "f" / "manifest.json").read_text())["args"]["strategy"] == "diagonal"
 
@@ -37,8 +37,8 @@ def test_fit_accepts_documents_directly(llama_dir, corpus_file, tmp_path):
     (["fit", "--corpus", "{tmp}/missing.jsonl", "--out", "{out}"], "does not exist"),
 ])
 def test_bad_input_gives_one_line_error_and_exit_2(argv, message, llama_dir, corpus_file, tmp_path):
-    argv = [a.format(docs=corpus_file, out=tmp_path / "out", tmp=tmp_path) for a in argv] + ["--model", str(llama_dir), "--no-progress"]
-    proc = subprocess.run([sys.executable, "-m", "influence.cli", *argv], capture_output=True, text=True)
+    argv = [a.format(docs=corpus_file, out=tmp_path / "out", tmp=tmp_path) for a in argv] + ["--model", str(llama_dir), "--no-progress", "--in-process"]
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", *argv], capture_output=True, text=True)
     assert proc.returncode == 2
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0]

@@ -1,0 +1,134 @@
+"""Top-k inner-product search: through a FAISS index, and exactly by brute force (the oracle).
+
+`exact_topk` plays the part of faiss.contrib's `knn_ground_truth` for inner products: it streams the
+database as blocks, so tests and recall benchmarks can check any index against it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import faiss
+import numpy as np
+
+from influence.errors import InfluenceError
+
+LOG = logging.getLogger(__name__)
+
+# Rows scored at once by the oracle: bounds its float64 scratch to (q, 16384) scores.
+_EXACT_CHUNK = 16384
+
+
+def search_index(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k highest inner products of each query in `index`.
+
+    Args:
+        index: A FAISS inner-product index, e.g. from `load_index`.
+        queries: float (q, d) query sketches; cast to float32.
+        k: Results per query; clamped to the index size.
+        nprobe: IVF lists visited per query (clamped to nlist; nlist makes IVF,Flat exact). Ignored,
+            with a debug log, by indexes without an IVF level. Set on the index: it persists.
+        ef_search: HNSW beam width (FAISS default 16); larger raises recall. Ignored by non-HNSW indexes.
+
+    Returns:
+        (scores, ids): float32 (q, k) and int64 (q, k), best first. ids are FAISS ids (`index_id` in
+        the doc table); an approximate index that finds fewer than k pads with id -1.
+    """
+    queries = _as_queries(queries, index.d)
+    if k < 1:
+        raise InfluenceError(f"k must be at least 1, got {k}; ask for the number of documents to return")
+    k = min(k, index.ntotal)
+    if k == 0:
+        return np.empty((queries.shape[0], 0), np.float32), np.empty((queries.shape[0], 0), np.int64)
+    _set_search_parameters(index, nprobe, ef_search)
+    scores, ids = index.search(queries, k)  # (q, k), (q, k)
+    return scores, ids
+
+
+def exact_topk(queries: np.ndarray, database_blocks: Iterable[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k inner products over a database given as row blocks (the oracle).
+
+    Scores are accumulated in float64, so the ranking is exact up to float64 rounding; equal scores
+    are ordered by id, except that ties straddling the k-th place are cut arbitrarily.
+
+    Args:
+        queries: float (q, d).
+        database_blocks: float (n_i, d) blocks in database order, e.g. `iterate_shard_sketches`.
+        k: Results per query; clamped to the database size.
+
+    Returns:
+        (scores, ids): float32 (q, k) and int64 (q, k), best first; ids are global row offsets.
+    """
+    queries = _as_queries(queries, None)
+    if k < 1:
+        raise InfluenceError(f"k must be at least 1, got {k}; ask for the number of documents to return")
+    num_queries, dim = queries.shape
+    query64 = queries.astype(np.float64)  # (q, d)
+    best_scores = np.empty((num_queries, 0), np.float64)
+    best_ids = np.empty((num_queries, 0), np.int64)
+    offset = 0
+    for block in database_blocks:
+        if block.ndim != 2 or block.shape[1] != dim:
+            raise InfluenceError(f"database block of shape {block.shape} does not match {dim}-dimensional queries; use sketches of one setting")
+        for start in range(0, block.shape[0], _EXACT_CHUNK):
+            chunk = np.asarray(block[start : start + _EXACT_CHUNK], dtype=np.float64)  # (m, d)
+            scores = query64 @ chunk.T  # (q, m)
+            ids = np.broadcast_to(np.arange(offset + start, offset + start + chunk.shape[0]), scores.shape)
+            best_scores, best_ids = _keep_topk(
+                np.concatenate([best_scores, scores], axis=1), np.concatenate([best_ids, ids], axis=1), k
+            )
+        offset += block.shape[0]
+    # Final order: score descending, then id ascending for equal scores.
+    order = np.lexsort((best_ids, -best_scores), axis=-1)
+    best_scores = np.take_along_axis(best_scores, order, axis=1)
+    best_ids = np.take_along_axis(best_ids, order, axis=1)
+    return best_scores.astype(np.float32), best_ids
+
+
+def _keep_topk(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (unordered) k largest scores per row and their ids."""
+    if scores.shape[1] <= k:
+        return scores, ids
+    keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (q, k)
+    return np.take_along_axis(scores, keep, axis=1), np.take_along_axis(ids, keep, axis=1)
+
+
+def _as_queries(queries: np.ndarray, dim: int | None) -> np.ndarray:
+    """A C-contiguous float32 (q, d) copy/view of `queries`, checked against the index dimension."""
+    if not isinstance(queries, np.ndarray) or queries.ndim != 2 or not np.issubdtype(queries.dtype, np.floating):
+        shape = getattr(queries, "shape", type(queries).__name__)
+        raise InfluenceError(f"queries must be a 2-D float numpy array (q, d), got {shape}; use queries[None] for a single query")
+    if dim is not None and queries.shape[1] != dim:
+        raise InfluenceError(
+            f"queries have dimension {queries.shape[1]} but the index holds {dim}-dimensional sketches; "
+            "sketch the queries with the same projection (seed and size) as the index"
+        )
+    if not np.isfinite(queries).all():
+        raise InfluenceError("queries contain NaN or inf; check the query gradient (damping, model dtype) and recompute it")
+    return np.ascontiguousarray(queries, dtype=np.float32)
+
+
+def _set_search_parameters(index: faiss.Index, nprobe: int | None, ef_search: int | None) -> None:
+    """Set nprobe / efSearch wherever they live inside wrapper indexes (pre-transforms, refine, ...)."""
+    if nprobe is not None:
+        if nprobe < 1:
+            raise InfluenceError(f"nprobe must be at least 1, got {nprobe}; pass None for the index's default")
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is None:
+            LOG.debug("nprobe=%d ignored: the index has no IVF level", nprobe)
+        else:
+            ivf.nprobe = min(nprobe, ivf.nlist)
+    if ef_search is not None:
+        if ef_search < 1:
+            raise InfluenceError(f"ef_search must be at least 1, got {ef_search}; pass None for the index's default")
+        try:
+            faiss.ParameterSpace().set_index_parameter(index, "efSearch", ef_search)
+        except RuntimeError:
+            LOG.debug("ef_search=%d ignored: the index has no HNSW level", ef_search)

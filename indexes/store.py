@@ -1,0 +1,339 @@
+"""The merged sketch store: shards in, one FAISS inner-product index and its doc table out.
+
+`merge_sketch_shards` streams the shards' memory-mapped sketches block by block into a FAISS index
+built from a factory string (ids 0..N-1 in shard order) and writes `docs.parquet`, the shards' rows
+with an `index_id` column aligned to those ids. The build is deterministic: identical shards and
+seed give byte-identical files, whatever the number of shards they were split into.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from indexes.constants import DOCS_NAME, FACTORY_EXAMPLES, INDEX_ID, INDEX_META_NAME, INDEX_NAME, SEQ_ID, SKETCH_SHARD_NAME
+from indexes.search import exact_topk, search_index
+from indexes.shards import (
+    check_sketches,
+    duplicate_values,
+    finished_shards,
+    iterate_shard_sketches,
+    load_shard_rows,
+    load_shard_sketches,
+    require_all_shards,
+    sketch_shard_exists,
+    sketch_shard_path,
+    write_sketch_shard,
+)
+from influence.artifacts import atomic_path, read_json, require_same, write_json, write_parquet
+from influence.errors import InfluenceError
+
+LOG = logging.getLogger(__name__)
+
+# The whole public contract is importable from here as well as from `indexes`.
+__all__ = [
+    "SKETCH_SHARD_NAME",
+    "exact_topk",
+    "finished_shards",
+    "index_exists",
+    "iterate_shard_sketches",
+    "load_doc_table",
+    "load_index",
+    "merge_sketch_shards",
+    "search_index",
+    "sketch_shard_exists",
+    "sketch_shard_path",
+    "write_sketch_shard",
+]
+
+
+def index_exists(index_dir: Path) -> bool:
+    """Whether `merge_sketch_shards` finished in `index_dir` (its metadata is written last)."""
+    index_dir = Path(index_dir)
+    return all((index_dir / name).is_file() for name in (INDEX_META_NAME, INDEX_NAME, DOCS_NAME))
+
+
+def merge_sketch_shards(
+    index_dir: Path,
+    num_shards: int,
+    factory: str = "Flat",
+    train_size: int = 50_000,
+    seed: int = 0,
+    block_size: int = 8192,
+    progress: bool = True,
+) -> Path:
+    """Build `index.faiss` and `docs.parquet` from all finished shards of `index_dir`.
+
+    Args:
+        index_dir: The directory holding the sketch shards; the outputs are written beside them.
+        num_shards: How many shards were written; all must be finished.
+        factory: A FAISS index_factory string, built with METRIC_INNER_PRODUCT, e.g. "Flat" (exact),
+            "IVF64,Flat", "HNSW32", "IVF64,PQ16".
+        train_size: Most rows sampled (seeded, without replacement) to train IVF/PQ factories.
+        seed: Seed of the training sample.
+        block_size: Rows added to the index per call: bounds the RAM used beyond the index itself.
+        progress: Show a tqdm bar over the rows added.
+
+    Returns:
+        The path of `index.faiss`.
+    """
+    start_time = time.perf_counter()
+    index_dir = Path(index_dir)
+    require_all_shards(index_dir, num_shards)
+    if train_size < 1 or block_size < 1:
+        raise InfluenceError(f"train_size ({train_size}) and block_size ({block_size}) must be positive; pass values >= 1")
+    # A stale completion marker must not vouch for the files this run is about to replace.
+    (index_dir / INDEX_META_NAME).unlink(missing_ok=True)
+
+    shapes, tables = [], []
+    for shard in range(num_shards):
+        # Only the shape is kept: the memmap (and its file descriptor) is dropped before the next shard.
+        shapes.append(load_shard_sketches(index_dir, shard, num_shards).shape)
+        tables.append(load_shard_rows(index_dir, shard, num_shards))
+    dim = _check_shards_agree(index_dir, shapes, tables)
+    sizes = [rows for rows, _ in shapes]
+    total = sum(sizes)
+    if total == 0:
+        raise InfluenceError(f"the {num_shards} sketch shards in {index_dir} hold no rows; check that the corpus is not empty")
+
+    index = _create_index(dim, factory)
+    num_train = 0
+    with _deterministic_threads(index, factory):
+        if not index.is_trained:
+            sample = _sample_rows(index_dir, num_shards, sizes, train_size, seed)  # (num_train, d)
+            check_sketches(sample, where=f"the training sample of {index_dir}")
+            num_train = _train_index(index, factory, sample)
+        with tqdm(total=total, unit="rows", desc="merge sketches", disable=not progress) as bar:
+            for shard in range(num_shards):
+                sketches = load_shard_sketches(index_dir, shard, num_shards)  # (n_shard, d) memmap
+                for start in range(0, sketches.shape[0], block_size):
+                    block = np.ascontiguousarray(sketches[start : start + block_size])  # (<= block_size, d)
+                    check_sketches(block, where=str(sketch_shard_path(index_dir, shard, num_shards)))
+                    # Plain add assigns sequential ids ntotal.., i.e. the global row offset in shard order,
+                    # and works for every index type (HNSW has no add_with_ids).
+                    index.add(block)
+                    bar.update(block.shape[0])
+    assert index.ntotal == total, (index.ntotal, total)
+
+    index_path = index_dir / INDEX_NAME
+    with atomic_path(index_path) as tmp:
+        faiss.write_index(index, str(tmp))
+    docs = pa.concat_tables(tables)
+    docs = docs.add_column(0, INDEX_ID, pa.array(np.arange(total, dtype=np.int64)))
+    # One chunk per column so the Parquet bytes depend on the rows only, not on how they were sharded.
+    write_parquet(index_dir / DOCS_NAME, docs.combine_chunks())
+    meta = {
+        "factory": factory,
+        "metric": "inner_product",
+        "dim": dim,
+        "ntotal": total,
+        "num_shards": num_shards,
+        "shard_rows": sizes,
+        "train_size": train_size,
+        "num_train": num_train,
+        "seed": seed,
+        "faiss_version": faiss.__version__,
+    }
+    write_json(index_dir / INDEX_META_NAME, meta)
+    LOG.info(
+        "merged %d sketches (dim %d) from %d shards into %s with '%s' in %.1fs",
+        total, dim, num_shards, index_path, factory, time.perf_counter() - start_time,
+    )
+    return index_path
+
+
+def load_index(index_dir: Path, mmap: bool = True) -> faiss.Index:
+    """Read `index.faiss`, memory-mapped and read-only where the index type allows it.
+
+    Args:
+        index_dir: A directory written by `merge_sketch_shards`.
+        mmap: Map the index's vectors/codes from disk instead of reading them into RAM. FAISS maps
+            flat codes (Flat, PQ, SQ, HNSW storage) with IO_FLAG_MMAP_IFC (faiss >= 1.10) and IVF
+            inverted lists with IO_FLAG_MMAP; other parts (HNSW graph, IVF centroids) are read.
+            A mapped index is read-only: do not add to it.
+
+    Returns:
+        The FAISS index; its ids are the `index_id` column of `load_doc_table`.
+    """
+    index_dir = Path(index_dir)
+    meta = _read_meta(index_dir)
+    path = str(index_dir / INDEX_NAME)
+    attempts = []
+    if mmap:
+        if hasattr(faiss, "IO_FLAG_MMAP_IFC"):
+            attempts.append(faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+        attempts.append(faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    attempts.append(0)
+    for flags in attempts:
+        try:
+            index = faiss.read_index(path, flags)
+            break
+        except RuntimeError as exc:
+            # Not every index type can be mapped with every flag: fall through to the next way.
+            LOG.debug("faiss.read_index(%s, %d) failed: %s", path, flags, exc)
+    else:
+        raise InfluenceError(f"{path} is not a readable FAISS index; delete it and re-run merge_sketch_shards")
+    require_same("index size", meta["ntotal"], index.ntotal, index_dir, "re-run merge_sketch_shards")
+    require_same("index dimension", meta["dim"], index.d, index_dir, "re-run merge_sketch_shards")
+    LOG.info("loaded %s (%s, %d vectors, flags %d)", path, meta["factory"], index.ntotal, flags)
+    return index
+
+
+def load_doc_table(index_dir: Path) -> pa.Table:
+    """Read `docs.parquet`: one row per FAISS id, `index_id` = row position, plus the shards' columns."""
+    index_dir = Path(index_dir)
+    meta = _read_meta(index_dir)
+    docs = pq.read_table(index_dir / DOCS_NAME)
+    require_same("doc table rows", meta["ntotal"], docs.num_rows, index_dir, "re-run merge_sketch_shards")
+    return docs
+
+
+def _read_meta(index_dir: Path) -> dict:
+    if not index_exists(index_dir):
+        raise InfluenceError(f"{index_dir} holds no finished index; run merge_sketch_shards on it once all sketch shards exist")
+    return read_json(index_dir / INDEX_META_NAME)
+
+
+def _check_shards_agree(index_dir: Path, shapes: list[tuple[int, int]], tables: list[pa.Table]) -> int:
+    """Rows aligned with sketches, one sketch dimension and row schema, no seq_id in two places."""
+    for shard, ((num_rows, _), rows) in enumerate(zip(shapes, tables)):
+        if rows.num_rows != num_rows:
+            raise InfluenceError(
+                f"shard {shard} in {index_dir} holds {num_rows} sketches but {rows.num_rows} rows; delete it and re-run that shard"
+            )
+    dims = [dim for _, dim in shapes]
+    if len(set(dims)) > 1:
+        raise InfluenceError(
+            f"sketch dimensions differ across the shards in {index_dir}: {dims}; shards were written with different "
+            "sketch settings: delete them and re-run the index stage with one setting"
+        )
+    schema = tables[0].schema
+    for shard, rows in enumerate(tables):
+        if not rows.schema.equals(schema, check_metadata=False):
+            raise InfluenceError(
+                f"shard {shard} in {index_dir} has row columns {rows.schema.names} with types differing from shard 0's "
+                f"{schema.names}; write every shard's rows with the same columns and types"
+            )
+    seq_ids = np.concatenate([rows.column(SEQ_ID).to_numpy() for rows in tables])
+    duplicates = duplicate_values(seq_ids)
+    if duplicates.size:
+        shown = set(duplicates[:5].tolist())
+        owners = {shard: sorted(shown & set(rows.column(SEQ_ID).to_numpy().tolist())) for shard, rows in enumerate(tables)}
+        owners = {shard: ids for shard, ids in owners.items() if ids}
+        raise InfluenceError(
+            f"{duplicates.size} {SEQ_ID}s occur in more than one shard of {index_dir} (shard: ids {owners}); a document "
+            f"would be counted twice: check how the corpus was split into the {len(tables)} shards, delete the shards "
+            "and re-run the index stage"
+        )
+    return dims[0]
+
+
+def _create_index(dim: int, factory: str) -> faiss.Index:
+    """faiss.index_factory with an inner-product metric, with errors a user can act on."""
+    examples = ", ".join(f'"{example}"' for example in FACTORY_EXAMPLES)
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        reason = _faiss_reason(exc)
+        raise InfluenceError(
+            f"invalid FAISS factory string {factory!r} for {dim}-dimensional sketches ({reason}); "
+            f"use e.g. {examples} (PQm needs m to divide the dimension {dim})"
+        ) from exc
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise InfluenceError(f"FAISS factory {factory!r} does not support inner product; use e.g. {examples}")
+    if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        raise InfluenceError(f"FAISS factory {factory!r} asks for an IDMap, but ids are always the row positions 0..N-1; drop the 'IDMap' prefix")
+    _skip_polysemous_training(index)
+    return index
+
+
+def _skip_polysemous_training(index: faiss.Index) -> None:
+    """Turn off the polysemous code ordering the factory enables for PQ: it only serves Hamming
+    pre-filtering (polysemous_ht), which inner-product search never uses, and it costs ~4 s per
+    sub-quantizer of training (the factory's "np" suffix does the same)."""
+    current = faiss.downcast_index(index)
+    while current is not None:
+        if hasattr(current, "do_polysemous_training"):
+            current.do_polysemous_training = False
+        if isinstance(current, faiss.IndexPreTransform):
+            current = faiss.downcast_index(current.index)
+        elif isinstance(current, faiss.IndexIVF):
+            current = None
+        else:
+            ivf = faiss.try_extract_index_ivf(current)
+            current = faiss.downcast_index(ivf) if ivf is not None else None
+
+
+def _train_index(index: faiss.Index, factory: str, sample: np.ndarray) -> int:
+    """Train `index` on `sample` (num_train, d), turning FAISS's failures into actionable errors."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and sample.shape[0] < ivf.nlist:
+        raise InfluenceError(
+            f"factory {factory!r} needs at least {ivf.nlist} training rows for its {ivf.nlist} IVF centroids, "
+            f"but only {sample.shape[0]} are available; use a smaller nlist (e.g. IVF{max(1, sample.shape[0] // 39)}) or \"Flat\""
+        )
+    if ivf is not None and sample.shape[0] < 39 * ivf.nlist:
+        LOG.warning("training %d IVF centroids on %d rows: FAISS advises >= %d", ivf.nlist, sample.shape[0], 39 * ivf.nlist)
+    start_time = time.perf_counter()
+    try:
+        index.train(sample)
+    except RuntimeError as exc:
+        raise InfluenceError(
+            f"training FAISS index {factory!r} on {sample.shape[0]} rows failed ({_faiss_reason(exc)}); PQ needs at least "
+            "2^nbits training rows (256 for the default 8 bits, 16 for PQmx4): pass more rows or a larger train_size, "
+            "use fewer bits, or use \"Flat\""
+        ) from exc
+    LOG.info("trained '%s' on %d sampled rows in %.1fs", factory, sample.shape[0], time.perf_counter() - start_time)
+    return sample.shape[0]
+
+
+def _faiss_reason(exc: RuntimeError) -> str:
+    """The human part of a FAISS C++ error: drop the "Error in <signature> at <file>:<line>:" preamble."""
+    message = str(exc).strip().splitlines()[-1]
+    message = re.sub(r"^Error in .*? at \S+:\d+: ", "", message)
+    return re.sub(r"^Error: '.*?' failed: ", "", message)
+
+
+def _sample_rows(index_dir: Path, num_shards: int, sizes: list[int], size: int, seed: int) -> np.ndarray:
+    """A seeded sample of at most `size` rows, gathered from the shards' memmaps without reading the rest."""
+    total = sum(sizes)
+    rng = np.random.default_rng(seed)
+    # Sorted global positions: the sample depends on the rows, not on the shard boundaries.
+    chosen = np.sort(rng.choice(total, size=min(size, total), replace=False))
+    parts, offset = [], 0
+    for shard, num_rows in enumerate(sizes):
+        local = chosen[(chosen >= offset) & (chosen < offset + num_rows)] - offset
+        if local.size:
+            parts.append(np.array(load_shard_sketches(index_dir, shard, num_shards)[local]))  # (rows sampled here, d)
+        offset += num_rows
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+@contextmanager
+def _deterministic_threads(index: faiss.Index, factory: str) -> Iterator[None]:
+    """Build on one thread where FAISS's result depends on the thread count, so the bytes do not.
+
+    Multi-threaded HNSW/NSG construction links nodes in a racy order, and pre-transforms (PCA, OPQ,
+    RR, ...) go through BLAS, whose float rounding changes with the thread count. Flat, IVF, PQ and SQ
+    builds were measured byte-identical across 1 and 2 threads and keep every thread.
+    """
+    graph = any(name in factory.upper() for name in ("HNSW", "NSG"))
+    if not graph and not isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):
+        yield
+        return
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)

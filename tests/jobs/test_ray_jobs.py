@@ -1,0 +1,92 @@
+"""Ray jobs equal their single-process stages, and survive real process kills."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from indexes.build import build_index
+from influence.arguments import FactorArgs, IndexArgs
+from influence.factors import fit_factors, load_factors
+from influence.preconditioner import precondition
+from jobs.fit import run_fit_job
+from jobs.index import run_index_job
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def assert_same_factors(left, right):
+    torch.manual_seed(0)
+    for name, f in left.modules.items():
+        g = right.modules[name]
+        torch.testing.assert_close(g.eigenvalues, f.eigenvalues, rtol=1e-7, atol=1e-12)
+        vector = torch.randn(f.eigenvalues.shape, dtype=torch.float64)
+        torch.testing.assert_close(precondition(vector, g), precondition(vector, f), rtol=1e-6, atol=1e-9)
+
+
+def test_fit_job_equals_single_process_fit(ray_local, llama_dir, corpus_dir, tmp_path):
+    args = FactorArgs(dtype="float64", progress=False, batch_size=3)
+    reference = load_factors(fit_factors(llama_dir, corpus_dir, tmp_path / "single", args))
+    for label, workers, shards in (("one_worker", 1, 1), ("two_workers_four_shards", 2, 4)):
+        out = run_fit_job(llama_dir, corpus_dir, tmp_path / label, args, num_shards=shards, workers=workers)
+        assert_same_factors(reference, load_factors(out))
+
+
+def test_index_job_equals_single_process_build(ray_local, llama_dir, ekfac_dir, corpus_dir, tmp_path):
+    args = IndexArgs(progress=False, shard_size=3, workers=2)
+    single = build_index(llama_dir, ekfac_dir, corpus_dir, tmp_path / "single", args)
+    distributed = run_index_job(llama_dir, ekfac_dir, corpus_dir, tmp_path / "ray", args)
+    for name in ("index.faiss", "docs.parquet"):
+        assert (single / name).read_bytes() == (distributed / name).read_bytes()
+
+
+def _index_command(llama_dir, ekfac_dir, corpus_dir, out, *extra):
+    return [sys.executable, "-m", "jobs.cli", "index", "--model", str(llama_dir), "--factors", str(ekfac_dir), "--corpus",
+            str(corpus_dir), "--out", str(out), "--shard-size", "1", "--batch-size", "1", "--no-progress", *extra]
+
+
+def _wait_for(condition, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_killed_driver_resumes_to_the_uninterrupted_index(llama_dir, ekfac_dir, corpus_dir, tmp_path):
+    reference = build_index(llama_dir, ekfac_dir, corpus_dir, tmp_path / "ref", IndexArgs(progress=False, shard_size=1, batch_size=1))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_index_command(llama_dir, ekfac_dir, corpus_dir, out, "--workers", "1"), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _wait_for(lambda: len(list(out.glob("sketch_shard_*"))) >= 2), "the job never wrote a shard"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len([p for p in out.glob("sketch_shard_*") if not p.name.startswith(".")])
+    assert not (out / "index.faiss").exists() and finished < 12
+    subprocess.run(_index_command(llama_dir, ekfac_dir, corpus_dir, out, "--in-process"), check=True, capture_output=True)
+    for name in ("index.faiss", "docs.parquet"):
+        assert (reference / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_killed_worker_is_replaced_and_the_index_is_complete(llama_dir, ekfac_dir, corpus_dir, tmp_path):
+    reference = build_index(llama_dir, ekfac_dir, corpus_dir, tmp_path / "ref", IndexArgs(progress=False, shard_size=1, batch_size=1))
+    out = tmp_path / "worker_killed"
+    proc = subprocess.Popen(_index_command(llama_dir, ekfac_dir, corpus_dir, out, "--workers", "1"), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def worker_pids():
+        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+        return [int(line.split()[0]) for line in ps if "SketchBatches" in line and "ray::" in line]
+
+    assert _wait_for(lambda: worker_pids() and len(list(out.glob("sketch_shard_*"))) >= 1), "no worker started"
+    for pid in worker_pids():
+        os.kill(pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    for name in ("index.faiss", "docs.parquet"):
+        assert (reference / name).read_bytes() == (out / name).read_bytes()
