@@ -103,9 +103,12 @@ def write_shard(index_dir: Path, shard: int, num_shards: int, sequences: pa.Tabl
     return write_sketch_shard(index_dir, shard, num_shards, output["sketch"], table)
 
 
-def finish_index(index_dir: Path, identity: dict, args: IndexArgs, num_shards: int, stats: dict) -> Path:
+def finish_index(index_dir: Path, identity: dict, args: IndexArgs, num_shards: int, stats: dict,
+                 model_dir: Path, factors_dir: Path, corpus_dir: Path) -> Path:
+    """Merge the shards and write the manifest last (it marks the index complete)."""
     merge_sketch_shards(index_dir, num_shards, factory=args.factory, train_size=args.train_size, seed=args.seed, progress=args.progress)
-    write_manifest(index_dir, "index", **identity, num_shards=num_shards, **stats)
+    sources = {"model_dir": str(model_dir.resolve()), "factors_dir": str(factors_dir.resolve()), "corpus_dir": str(corpus_dir.resolve())}
+    write_manifest(index_dir, "index", **identity, **sources, num_shards=num_shards, **stats)
     return index_dir
 
 
@@ -131,7 +134,7 @@ def build_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path
         write_shard(index_dir, shard, num_shards, sequences, rows,
                     worker({"seq_id": table["seq_id"].to_numpy(), "input_ids": table["input_ids"].to_pylist()}))
     stats = build_stats(sequences, time.perf_counter() - start)
-    return finish_index(index_dir, identity, args, num_shards, stats)
+    return finish_index(index_dir, identity, args, num_shards, stats, model_dir, factors_dir, corpus_dir)
 
 
 def build_stats(sequences: pa.Table, seconds: float) -> dict:

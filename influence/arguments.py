@@ -167,3 +167,30 @@ class IndexArgs(StageArgs):
         for name in ("sketch_size", "train_size", "shard_size", "batch_size", "workers"):
             if getattr(self, name) < 1:
                 raise InfluenceError(f"{name} must be a positive integer, got {getattr(self, name)}")
+
+
+@dataclass
+class QueryArgs(StageArgs):
+    """One query against an index: candidates from a generator, then an exact EK-FAC re-rank."""
+
+    RUNTIME_ONLY = ("batch_size", "device", "progress")
+
+    top_k: int = _help("documents returned per sign (most positive and most negative)", 10)
+    candidates: int = _help("candidates re-ranked exactly per sign", 200)
+    generator: str = _help("candidate generator: 'index' (FAISS over sketches), 'bm25' (text), 'exact' (full scan)", "index")
+    nprobe: Optional[int] = _help("IVF lists visited per search (IVF indexes only)", None)
+    per_token: bool = _help("compute per-token influence inside the returned documents", True)
+    dtype: str = _help("dtype of the model while querying", "float32")
+    batch_size: int = _help("candidates per forward/backward pass in the re-rank", 16)
+    device: str = _help("torch device", "cpu")
+    progress: bool = _help("show progress bars", False)
+
+    def __post_init__(self) -> None:
+        _check_dtype(self.dtype)
+        if self.generator not in ("index", "bm25", "exact"):
+            raise InfluenceError(f"unknown candidate generator {self.generator!r}; choose index, bm25 or exact")
+        for name in ("top_k", "candidates", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InfluenceError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.candidates < self.top_k:
+            raise InfluenceError(f"candidates ({self.candidates}) must be at least top_k ({self.top_k})")

@@ -68,13 +68,15 @@ class Scorer:
         io, _ = capture_module_io(self.model, self.modules, batch)
         return {name: sequence_gradients(a, s) for name, (a, s) in io.items()}
 
-    def prepare(self, queries: Sequence[Query]) -> None:
-        """Precondition the queries' gradients once; with `query_rank`, keep a rank-r factorisation."""
-        tokenized = self.tokenize(queries)
-        self.query_ids = [q.query.query_id for q in tokenized]
+    def prepare(self, queries: Sequence[Query], gradients: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Precondition the queries' gradients once; with `query_rank`, keep a rank-r factorisation.
+
+        `gradients` (from `query_gradients`) avoids a second backward pass when the caller has them.
+        """
+        self.query_ids = [q.query_id for q in queries]
         if len(set(self.query_ids)) != len(self.query_ids):
             raise InfluenceError("query ids must be unique within a batch of queries")
-        gradients = self.query_gradients(tokenized)
+        gradients = gradients if gradients is not None else self.query_gradients(self.tokenize(queries))
         self.prepared = {}
         for name, gradient in gradients.items():
             preconditioned = precondition(gradient, self.factors.modules[name])  # (queries, d_out, d_in)

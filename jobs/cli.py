@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from influence.arguments import CorpusArgs, FactorArgs, IndexArgs, ScoreArgs
+from influence.arguments import CorpusArgs, FactorArgs, IndexArgs, QueryArgs, ScoreArgs
 from influence.errors import InfluenceError
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> None:
@@ -143,7 +143,7 @@ def queries_from(ns):
         return load_queries(ns.queries)
     if ns.prompt is None or ns.completion is None:
         raise InfluenceError("a query needs --prompt and --completion (or --queries FILE)")
-    return [Query("query", ns.prompt, ns.completion)]
+    return [Query("query", ns.prompt, ns.completion, getattr(ns, "lang", "und"))]
 
 
 def score_options(parser):
@@ -183,8 +183,33 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "corpus": ("tokenise documents (Parquet, JSONL or a datasets folder) into sequences", corpus_options, corpus_run),
     "fit": ("fit EK-FAC (or kfac/diagonal/identity) factors over a corpus", fit_options, fit_run),
     "index": ("sketch every training sequence's whitened gradient into a FAISS index (a Ray job)", index_options, index_run),
+    "query": ("the most influential training documents for a completion: index search + exact re-rank", query_options, query_run),
     "score": ("exact influence of every training sequence on one or more queries", score_options, score_run),
 }
+
+
+def query_options(parser):
+    parser.add_argument("--index", type=Path, required=True, help="index directory from `influence index`")
+    parser.add_argument("--model", type=Path, default=None, help="override the model directory recorded in the index")
+    parser.add_argument("--factors", type=Path, default=None, help="override the factors directory recorded in the index")
+    parser.add_argument("--corpus", type=Path, default=None, help="override the corpus directory recorded in the index")
+    parser.add_argument("--out", type=Path, default=Path("query_results"), help="where results.json/.parquet and report.html go")
+    add_query_options(parser)
+    parser.add_argument("--lang", default="und", help="language tag of a --prompt/--completion query")
+    add_dataclass_options(parser, QueryArgs)
+
+
+def query_run(ns):
+    from indexes.query import QueryEngine
+    from influence.report import render_terminal, save_results
+
+    queries = queries_from(ns)
+    engine = QueryEngine(ns.index, dataclass_from(ns, QueryArgs), ns.model, ns.factors, ns.corpus)
+    results = engine.query(queries)
+    print(render_terminal(results))
+    out = save_results(results, ns.out)
+    print(f"\nresults written to {out}/ (results.json, results.parquet, report.html)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,7 +58,7 @@ def run_index_job(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Pa
             _write_shards_as_they_complete(results, index_dir, pending, ranges, num_shards, sequences, args.progress)
     stats = build_stats(sequences, time.perf_counter() - start)
     stats["workers"] = args.workers
-    return finish_index(index_dir, identity, args, num_shards, stats)
+    return finish_index(index_dir, identity, args, num_shards, stats, model_dir, factors_dir, corpus_dir)
 
 
 def _write_shards_as_they_complete(results, index_dir, pending, ranges, num_shards, sequences, progress) -> None:

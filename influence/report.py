@@ -1,0 +1,130 @@
+"""Reports of query results: a terminal table, Parquet/JSON for programs, a self-contained HTML page.
+
+The HTML page shows the query on top, then each document with its tokens shaded by influence (red
+raises the completion's probability, blue lowers it; hover for the value) and a bar chart of the
+score's distribution over layers. It has no external resources, so it can be mailed or archived.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow as pa
+
+from influence.artifacts import atomic_path, ensure_writable_dir, write_parquet
+from influence.explain import DocumentInfluence, QueryResult
+
+RESULTS_JSON, RESULTS_PARQUET, REPORT_HTML = "results.json", "results.parquet", "report.html"
+
+
+def marked_snippet(doc: DocumentInfluence, width: int = 90, marks: int = 3) -> str:
+    """The document's text on one line with its most influential tokens in [brackets]."""
+    if not doc.tokens:
+        return doc.text.replace("\n", " ")[:width]
+    sign = 1.0 if doc.sign == "+" else -1.0
+    top = set(sorted(range(len(doc.tokens)), key=lambda i: -sign * doc.token_scores[i])[:marks])
+    pieces = [f"[{t.strip()}]" if i in top and t.strip() else t for i, t in enumerate(doc.tokens)]
+    text = "".join(pieces).replace("\n", " ")
+    first = min(top) if top else 0
+    start = max(0, len("".join(doc.tokens[:first]).replace("\n", " ")) - width // 3)
+    return ("…" if start else "") + text[start : start + width]
+
+
+def render_terminal(results: Sequence[QueryResult], width: int = 90) -> str:
+    lines = []
+    for result in results:
+        q = result.query
+        lines.append(f"\n== {q.query_id} [{q.lang}] ==  prompt: {q.prompt!r}")
+        lines.append(f"   completion: {q.completion!r}")
+        lines.append(f"   {result.num_candidates} candidates from '{result.generator}', "
+                     + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.seconds.items()))
+        for label, docs in (("most positive (support the completion)", result.positive), ("most negative", result.negative)):
+            lines.append(f"   -- {label}")
+            for d in docs:
+                top_layer = max(d.layer_scores, key=lambda k: abs(d.layer_scores[k])) if d.layer_scores else "-"
+                lines.append(f"   {d.sign}{d.rank:<3} {d.score:+.3e}  {d.doc_id[:22]:<22} {d.lang:<4} {top_layer:<9} {marked_snippet(d, width)}")
+    return "\n".join(lines)
+
+
+def results_table(results: Sequence[QueryResult]) -> pa.Table:
+    rows = []
+    for result in results:
+        for d in result.documents:
+            row = d.to_dict()
+            row["module_scores"] = json.dumps(row["module_scores"])
+            row["layer_scores"] = json.dumps(row["layer_scores"])
+            row.update(prompt=result.query.prompt, completion=result.query.completion, query_lang=result.query.lang)
+            rows.append(row)
+    return pa.Table.from_pylist(rows)
+
+
+def _shade(value: float, scale: float) -> str:
+    alpha = min(abs(value) / scale, 1.0) * 0.85 if scale > 0 else 0.0
+    color = "220,50,47" if value > 0 else "38,139,210"
+    return f"background: rgba({color},{alpha:.3f})"
+
+
+def _layer_chart(layers: dict[str, float]) -> str:
+    if not layers:
+        return ""
+    scale = max(abs(v) for v in layers.values()) or 1.0
+    bar_height, width = 16, 260
+    rows = []
+    for i, (name, value) in enumerate(layers.items()):
+        length = abs(value) / scale * (width / 2)
+        x = width / 2 if value >= 0 else width / 2 - length
+        fill = "#dc322f" if value >= 0 else "#268bd2"
+        y = i * (bar_height + 4)
+        rows.append(f'<text x="0" y="{y + 12}" font-size="11">{html.escape(name)}</text>'
+                    f'<rect x="{90 + x:.1f}" y="{y}" width="{length:.1f}" height="{bar_height}" fill="{fill}">'
+                    f'<title>{html.escape(name)}: {value:+.3e}</title></rect>')
+    height = len(layers) * (bar_height + 4)
+    axis = f'<line x1="{90 + width / 2}" y1="0" x2="{90 + width / 2}" y2="{height}" stroke="#888"/>'
+    return f'<svg class="layers" width="{90 + width}" height="{height}">{axis}{"".join(rows)}</svg>'
+
+
+def _document_html(d: DocumentInfluence) -> str:
+    if d.tokens:
+        scale = max(abs(v) for v in d.token_scores) or 1.0
+        body = "".join(f'<span style="{_shade(v, scale)}" title="{v:+.3e}">{html.escape(t)}</span>' for t, v in zip(d.tokens, d.token_scores))
+    else:
+        body = html.escape(d.text)
+    sketch = "" if d.sketch_score is None else f" · sketch {d.sketch_score:+.3e}"
+    return (f'<div class="doc"><div class="meta"><b>{d.sign}{d.rank}</b> score <b>{d.score:+.4e}</b>{sketch} · '
+            f'{html.escape(d.doc_id)} (chunk {d.chunk}) · {html.escape(d.source)} · {html.escape(d.lang)}</div>'
+            f'<div class="row"><pre class="tokens">{body}</pre>{_layer_chart(d.layer_scores)}</div></div>')
+
+
+def render_html(results: Sequence[QueryResult], title: str = "Influence report") -> str:
+    sections = []
+    for r in results:
+        q = r.query
+        timing = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in r.seconds.items())
+        sections.append(
+            f'<section><h2>{html.escape(q.query_id)} <small>[{html.escape(q.lang)}]</small></h2>'
+            f'<div class="query"><span class="prompt">{html.escape(q.prompt)}</span><span class="completion">{html.escape(q.completion)}</span></div>'
+            f'<p class="note">{r.num_candidates} candidates from <code>{html.escape(r.generator)}</code>, re-ranked exactly with EK-FAC · {timing}</p>'
+            f'<h3>Most positive: upweighting these raises p(completion | prompt)</h3>{"".join(map(_document_html, r.positive))}'
+            f'<h3>Most negative</h3>{"".join(map(_document_html, r.negative))}</section>'
+        )
+    style = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+.query{background:#f6f6f0;padding:.8em;border-radius:6px;white-space:pre-wrap}.completion{background:#ffe9a8}
+.doc{border-top:1px solid #ddd;padding:.5em 0}.meta{font-size:.9em;color:#444}.row{display:flex;gap:1em;align-items:flex-start}
+pre.tokens{white-space:pre-wrap;flex:1;font-size:.9em;margin:.3em 0}.note{color:#666;font-size:.85em}"""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head>"
+            f"<body><h1>{html.escape(title)}</h1><p>Red tokens raise the completion's log-probability when upweighted, "
+            f"blue ones lower it. Bars: the score's share per layer.</p>{''.join(sections)}</body></html>")
+
+
+def save_results(results: Sequence[QueryResult], out_dir: Path | str) -> Path:
+    """Write results.json, results.parquet and report.html into `out_dir` (atomically, each)."""
+    out_dir = ensure_writable_dir(Path(out_dir))
+    with atomic_path(out_dir / RESULTS_JSON) as tmp:
+        tmp.write_text(json.dumps([r.to_dict() for r in results], indent=1, ensure_ascii=False))
+    write_parquet(out_dir / RESULTS_PARQUET, results_table(results))
+    with atomic_path(out_dir / REPORT_HTML) as tmp:
+        tmp.write_text(render_html(results), encoding="utf-8")
+    return out_dir
