@@ -69,6 +69,13 @@ class QueryEngine:
         with self._lock:
             return self._query(list(queries), args)
 
+    def score_documents(self, queries: Sequence[Query], seq_ids: Sequence[int]) -> np.ndarray:
+        """Exact scores (queries, len(seq_ids)) of given sequences, e.g. one query's top documents on its translations."""
+        with self._lock:
+            self.scorer.prepare(list(queries))
+            scores, _, _ = self._score(np.asarray(seq_ids, dtype=np.int64), per_token=False)
+        return scores
+
     def _query(self, queries: list[Query], args: QueryArgs) -> list[QueryResult]:
         seconds: dict[str, float] = {}
         tick = time.perf_counter()

@@ -75,7 +75,8 @@ def find_tracked_modules(model: nn.Module, pattern: Optional[str] = None) -> lis
     try:
         regex = re.compile(regex_text)
     except re.error as exc:
-        raise InfluenceError(f"module pattern {pattern!r} is not a valid regular expression ({exc})") from exc
+        raise InfluenceError(f"module pattern {pattern!r} is not a valid regular expression ({exc}); fix it, or use a preset: "
+                             f"{', '.join(MODULE_PRESETS)}") from exc
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tracked, unsupported = [], []
     for name, module in model.named_modules():
@@ -111,12 +112,18 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
+def quiet_transformers() -> None:
+    """Turn off transformers' per-load/save progress bars: noise next to the stages' own bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_model(model_dir: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
     """Load a causal LM saved with `save_pretrained`, in eval mode (no dropout), never from a hub."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # a per-load bar is noise next to the stage's own bars
+    quiet_transformers()
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise InfluenceError(f"{model_dir} has no config.json: point --model to a directory written by save_pretrained")
@@ -125,7 +132,8 @@ def load_model(model_dir: Path | str, dtype: torch.dtype = torch.float32, device
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
     except Exception as exc:
-        raise InfluenceError(f"cannot load a causal LM from {model_dir}: {type(exc).__name__}: {exc}") from exc
+        raise InfluenceError(f"cannot load a causal LM from {model_dir} ({type(exc).__name__}: {exc}); "
+                             "check that its weight files are complete, or save the model again with save_pretrained") from exc
     for name, parameter in model.named_parameters():
         if not torch.isfinite(parameter).all():
             raise InfluenceError(f"{model_dir} has non-finite (NaN/inf) weights in {name}; the checkpoint is corrupt")

@@ -17,10 +17,17 @@ from influence.errors import InfluenceError
 
 @dataclass(frozen=True)
 class Query:
+    """A prompt and completion. Translations of one query share a `group` (default: the query id)."""
+
     query_id: str
     prompt: str
     completion: str
     lang: str = "und"
+    group: str = ""
+
+    @property
+    def group_id(self) -> str:
+        return self.group or self.query_id
 
 
 @dataclass(frozen=True)
@@ -62,12 +69,16 @@ def tokenize_query(query: Query, tokenizer, max_length: Optional[int] = None) ->
 
 
 def load_queries(path: Path | str) -> list[Query]:
-    """Queries from a JSONL file with fields prompt, completion and optional query_id (or id) and lang."""
+    """Queries from a JSONL file with fields prompt, completion and optional query_id (or id), lang and group."""
     path = Path(path)
     if not path.is_file():
-        raise InfluenceError(f"query file {path} does not exist")
+        raise InfluenceError(f"query file {path} does not exist; pass a JSONL file with one {{\"prompt\": ..., \"completion\": ...}} per line")
     queries, seen = [], set()
-    for line_number, line in enumerate(path.read_text(encoding="utf-8", errors="strict").splitlines(), start=1):
+    for line_number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InfluenceError(f"{path}:{line_number} is not UTF-8 ({exc.reason}); re-encode the file as UTF-8") from exc
         if not line.strip():
             continue
         try:
@@ -80,9 +91,9 @@ def load_queries(path: Path | str) -> list[Query]:
         if query_id in seen:
             raise InfluenceError(f"{path}:{line_number} repeats query id {query_id!r}; query ids must be unique")
         seen.add(query_id)
-        queries.append(Query(query_id, str(row["prompt"]), str(row["completion"]), str(row.get("lang", "und"))))
+        queries.append(Query(query_id, str(row["prompt"]), str(row["completion"]), str(row.get("lang", "und")), str(row.get("group", ""))))
     if not queries:
-        raise InfluenceError(f"query file {path} holds no queries")
+        raise InfluenceError(f"query file {path} holds no queries; add lines like {{\"prompt\": ..., \"completion\": ...}}")
     return queries
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from influence.arguments import ScoreArgs
 from influence.artifacts import require_same, write_parquet
-from influence.corpus import iterate_batches, load_sequences
+from influence.corpus import iterate_batches, load_sequences, require_fits_context
 from influence.errors import InfluenceError
 from influence.factors import Factors, load_factors
 from influence.gradients import TokenBatch, capture_module_io, make_token_batch, rotated_gradients, sequence_gradients
@@ -147,8 +147,9 @@ class ScoreResult:
 
 
 def compute_scores(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path | str, queries: Sequence[Query],
-                   args: ScoreArgs = ScoreArgs(), out_path: Path | str | None = None, scorer: Optional[Scorer] = None) -> ScoreResult:
-    """Score every training sequence against every query in one pass over the corpus.
+                   args: ScoreArgs = ScoreArgs(), out_path: Path | str | None = None, scorer: Optional[Scorer] = None,
+                   rows: Optional[range] = None) -> ScoreResult:
+    """Score every training sequence (or those in `rows`) against every query in one pass over the corpus.
 
     Writes a Parquet table (query_id, seq_id, doc_id, source, lang, score, self_influence, breakdowns)
     to `out_path` when given.
@@ -157,10 +158,12 @@ def compute_scores(model_dir: Path | str, factors_dir: Path | str, corpus_dir: P
     scorer = scorer or Scorer(model_dir, factors_dir, args)
     # the scored corpus may differ from the one the factors were fitted on (e.g. fit on a sample)
     sequences, _ = load_sequences(corpus_dir)
+    require_fits_context(sequences, scorer.model, corpus_dir)
     scorer.prepare(queries)
     totals, modules, tokens, selfs, seq_ids = [], [], [], [], []
-    num_batches = -(-sequences.num_rows // args.batch_size)
-    for ids_batch, ids in tqdm(iterate_batches(sequences, args.batch_size), total=num_batches, desc="score",
+    rows = rows if rows is not None else range(sequences.num_rows)
+    num_batches = -(-len(rows) // args.batch_size)
+    for ids_batch, ids in tqdm(iterate_batches(sequences, args.batch_size, rows), total=num_batches, desc="score",
                                unit="batch", disable=not args.progress):
         batch = make_token_batch(ids, seq_ids=ids_batch, device=args.device)
         result = scorer.score_batch(batch)
@@ -178,5 +181,5 @@ def compute_scores(model_dir: Path | str, factors_dir: Path | str, corpus_dir: P
     )
     if out_path is not None:
         write_parquet(Path(out_path), score_result.to_table(sequences))
-    LOG.info("scored %d queries x %d sequences in %.1fs", len(queries), sequences.num_rows, time.perf_counter() - start)
+    LOG.info("scored %d queries x %d sequences in %.1fs", len(queries), len(rows), time.perf_counter() - start)
     return score_result

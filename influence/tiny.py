@@ -2,11 +2,17 @@
 
 `build_tokenizer` trains a byte-level BPE on the given texts (so any language round-trips);
 `build_model` writes a randomly initialised GPT-2, GPT-NeoX or Llama with that tokenizer to a
-directory with `save_pretrained`, from which every stage loads it like any other checkpoint.
+directory with `save_pretrained`, from which every stage loads it like any other checkpoint;
+`train_model` trains such a model in place, so benchmarks get meaningful gradients.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -54,6 +60,9 @@ def build_model(out_dir: Path | str, tokenizer, architecture: str = "llama", see
     """Write a seeded, randomly initialised causal LM and its tokenizer to `out_dir`."""
     from transformers import AutoModelForCausalLM
 
+    from influence.models import quiet_transformers
+
+    quiet_transformers()
     torch.manual_seed(seed)
     config = model_config(architecture, vocab_size=len(tokenizer), **config_kwargs)
     model = AutoModelForCausalLM.from_config(config)
@@ -61,3 +70,87 @@ def build_model(out_dir: Path | str, tokenizer, architecture: str = "llama", see
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def train_model(model_dir: Path | str, sequences: list[list[int]], steps: int, lr: float = 3e-3, batch_size: int = 16,
+                seed: int = 0, progress: bool = True) -> Path:
+    """Train the causal LM in `model_dir` in place on token sequences; returns `model_dir`.
+
+    AdamW (weight decay 0.01) with a cosine decay of the learning rate to lr/10 over `steps`; batches
+    are right-padded, padding carries label -100. Batches walk through seeded shuffles of the
+    sequences, so a run is deterministic given `seed` (and the thread count). The trained weights are
+    written to a temporary sibling directory with the tokenizer files, which then replaces
+    `model_dir`, with `training.json` (steps, lr, losses) beside the weights.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from influence.errors import InfluenceError
+
+    model_dir = Path(model_dir)
+    if steps < 1 or batch_size < 1 or lr <= 0:
+        raise InfluenceError(f"steps, batch_size and lr must be positive, got {steps}, {batch_size}, {lr}")
+    sequences = [list(s) for s in sequences if len(s) >= 2]
+    if not sequences:
+        raise InfluenceError("train_model needs at least one sequence of 2 or more tokens")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if context and max(len(s) for s in sequences) > context:
+        raise InfluenceError(f"a sequence has {max(len(s) for s in sequences)} tokens, more than the context of {context}; chunk it")
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+
+    def next_batch() -> dict[str, torch.Tensor]:
+        nonlocal order
+        picked = []
+        while len(picked) < batch_size:
+            if not order:
+                order = torch.randperm(len(sequences), generator=generator).tolist()
+            picked.append(sequences[order.pop()])
+        width = max(len(s) for s in picked)
+        input_ids = torch.full((len(picked), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(picked), width), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(picked), width), dtype=torch.long)
+        for row, ids in enumerate(picked):
+            input_ids[row, : len(ids)] = labels[row, : len(ids)] = torch.as_tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+    model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    with tqdm(range(steps), desc="train", unit="step", disable=not progress) as bar:
+        for _ in bar:
+            loss = model(**next_batch()).loss  # mean over labelled tokens
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    model.eval()
+    window = max(1, min(20, steps // 10))
+    record = {
+        "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "optimizer": "AdamW(weight_decay=0.01), cosine to lr/10",
+        "num_sequences": len(sequences), "initial_loss": losses[0], "final_loss": losses[-1],
+        "final_loss_mean": sum(losses[-window:]) / window, "loss_window": window, "seconds": time.perf_counter() - start,
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
+    try:
+        for path in model_dir.iterdir():  # tokenizer and any other files travel with the weights
+            if path.is_file() and path.suffix not in (".safetensors", ".bin") and path.name != "config.json":
+                shutil.copy2(path, tmp / path.name)
+        model.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        old = model_dir.with_name(f".{model_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        model_dir.rename(old)
+        tmp.rename(model_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model_dir

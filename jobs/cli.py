@@ -179,15 +179,6 @@ def score_run(ns):
     return 0
 
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "corpus": ("tokenise documents (Parquet, JSONL or a datasets folder) into sequences", corpus_options, corpus_run),
-    "fit": ("fit EK-FAC (or kfac/diagonal/identity) factors over a corpus", fit_options, fit_run),
-    "index": ("sketch every training sequence's whitened gradient into a FAISS index (a Ray job)", index_options, index_run),
-    "query": ("the most influential training documents for a completion: index search + exact re-rank", query_options, query_run),
-    "score": ("exact influence of every training sequence on one or more queries", score_options, score_run),
-}
-
-
 def query_options(parser):
     parser.add_argument("--index", type=Path, required=True, help="index directory from `influence index`")
     parser.add_argument("--model", type=Path, default=None, help="override the model directory recorded in the index")
@@ -210,6 +201,90 @@ def query_run(ns):
     out = save_results(results, ns.out)
     print(f"\nresults written to {out}/ (results.json, results.parquet, report.html)")
     return 0
+
+
+def demo_options(parser):
+    parser.add_argument("--work-dir", type=Path, default=Path("demo_runs"), help="where models, factors, indexes and reports go (cached)")
+    parser.add_argument("--preset", default="full", help="'full' (the README demo) or 'tiny' (seconds, for tests and notebooks)")
+    add_ray_options(parser)
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def demo_run(ns):
+    from jobs.demo import run_demo
+
+    out = run_demo(ns.work_dir, ns.preset, ns.workers, ns.in_process, ns.progress, ns.address)
+    print(f"\nShutdown query on the largest model ('{out['largest']}', {out['num_sequences']} training sequences):")
+    print(out["terminal"])
+    import pyarrow.parquet as pq
+
+    overlap = pq.read_table(out["compare"] / "overlap.parquet").to_pylist()
+    print("\nAcross model sizes and languages (reference: the English query's top-10):")
+    print(f"  {'model':<8} {'params':>9} {'lang':<5} {'jaccard':>8} {'rbo':>6} {'cross-lingual':>13}")
+    for row in overlap:
+        print(f"  {row['run']:<8} {row['parameters']:>9} {row['lang']:<5} {row['jaccard']:>8.2f} {row['rbo']:>6.2f} {row['crosslingual_ratio']:>13.3f}")
+    print(f"\nHTML report: {out['report']}\ncompare tables and plots: {out['compare']}/\ndone in {out['seconds']:.0f}s")
+    return 0
+
+
+def parse_runs(items: Sequence[str]) -> dict[str, Path]:
+    runs = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InfluenceError(f"--run takes NAME=INDEX_DIR, got {item!r}")
+        runs[name] = Path(path)
+    return runs
+
+
+def compare_options(parser):
+    parser.add_argument("--run", action="append", default=[], help="NAME=INDEX_DIR, once per run (e.g. per model size)")
+    parser.add_argument("--queries", type=Path, required=True, help="JSONL queries; translations share a 'group' and differ in 'lang'")
+    parser.add_argument("--out", type=Path, required=True, help="output directory for tables and plots")
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--candidates", type=int, default=200)
+    add_ray_options(parser)
+
+
+def compare_run(ns):
+    from influence.query import load_queries
+    from jobs.compare import run_compare_job
+
+    args = QueryArgs(top_k=ns.top_k, candidates=ns.candidates, per_token=False)
+    out = run_compare_job(parse_runs(ns.run), load_queries(ns.queries), ns.out, args, address=ns.address, in_process=ns.in_process)
+    print(f"compare tables and plots written to {out}/")
+    return 0
+
+
+def audit_options(parser):
+    parser.add_argument("--index", type=Path, required=True, help="index directory")
+    parser.add_argument("--queries", type=Path, default=None, help="JSONL queries whose influence is broken down by source and language")
+    parser.add_argument("--out", type=Path, required=True, help="output directory for tables and report.html")
+    parser.add_argument("--top", type=int, default=20, help="outliers and dominant documents listed")
+    parser.add_argument("--top-k", type=int, default=10, help="a document 'dominates' a query when in its top-k")
+    add_ray_options(parser)
+
+
+def audit_run(ns):
+    from influence.query import load_queries
+    from jobs.audit import run_audit_job
+
+    queries = load_queries(ns.queries) if ns.queries else []
+    out = run_audit_job(ns.index, queries, ns.out, ns.top, ns.top_k, 0 if ns.in_process else ns.workers, ns.address)
+    print(f"audit written to {out}/ (report.html, *.csv, *.parquet)")
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "corpus": ("tokenise documents (Parquet, JSONL or a datasets folder) into sequences", corpus_options, corpus_run),
+    "fit": ("fit EK-FAC (or kfac/diagonal/identity) factors over a corpus", fit_options, fit_run),
+    "index": ("sketch every training sequence's whitened gradient into a FAISS index (a Ray job)", index_options, index_run),
+    "query": ("the most influential training documents for a completion: index search + exact re-rank", query_options, query_run),
+    "demo": ("build everything on the bundled multilingual corpus and ask the shutdown query in 3 languages", demo_options, demo_run),
+    "compare": ("compare top documents across runs (model sizes) and query translations (a Ray job)", compare_options, compare_run),
+    "audit": ("self-influence outliers and influence by source/language over a whole index (a Ray job)", audit_options, audit_run),
+    "score": ("exact influence of every training sequence on one or more queries", score_options, score_run),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from influence.arguments import FactorArgs
 from influence.constants import MANIFEST_NAME
+from influence.errors import InfluenceError
 from influence.factors import (
     FitContext,
     aggregate_covariances,
@@ -52,6 +53,8 @@ def run_fit_job(model_dir: Path | str, corpus_dir: Path | str, out_dir: Path | s
     from ray.util import ActorPool
 
     out_dir = Path(out_dir)
+    if workers < 1 or (num_shards is not None and num_shards < 1):
+        raise InfluenceError(f"--workers ({workers}) and --num-shards ({num_shards}) must be at least 1; pass positive numbers")
     num_shards = num_shards or workers
     ctx = FitContext(model_dir, corpus_dir, args)  # the driver reduces, so it needs the module list too
     ctx.start(out_dir)

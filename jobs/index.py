@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from indexes.build import SketchBatches, build_stats, finish_index, index_identity, start_index, write_shard
+from indexes.build import SketchBatches, build_stats, check_index_inputs, finish_index, index_identity, start_index, write_shard
 from indexes.shards import sketch_shard_exists
 from indexes.store import index_exists
 from influence.arguments import IndexArgs
@@ -36,10 +36,15 @@ def run_index_job(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Pa
 
     model_dir, factors_dir, corpus_dir, index_dir = map(Path, (model_dir, factors_dir, corpus_dir, index_dir))
     identity = index_identity(model_dir, factors_dir, corpus_dir, args)
-    start_index(index_dir, identity, args)
-    if index_exists(index_dir) and (index_dir / MANIFEST_NAME).exists():
-        return index_dir
+    finished = index_exists(index_dir) and (index_dir / MANIFEST_NAME).exists()
     sequences, _ = load_sequences(corpus_dir)
+    if not finished:
+        # Preflight on the driver: a worker failing in its constructor surfaces only as a Ray ActorDiedError
+        # (a traceback, after retries), so the checks the workers would make run here once, before any write.
+        check_index_inputs(SketchBatches(str(model_dir), str(factors_dir), args), sequences, corpus_dir, args)
+    start_index(index_dir, identity, args)
+    if finished:
+        return index_dir
     num_shards = -(-sequences.num_rows // args.shard_size)
     pending = [s for s in range(num_shards) if not sketch_shard_exists(index_dir, s, num_shards)]
     start = time.perf_counter()

@@ -1,0 +1,100 @@
+"""The compare job: the same queries (in several languages) against several runs (e.g. model sizes).
+
+Each run is queried by one Ray task holding its own QueryEngine; the driver assembles top-k lists per
+(run, language), overlaps between languages (Jaccard, rank-biased overlap) and the paper's cross-lingual
+measure, writes them as Parquet and CSV, and plots them against model size.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from influence.arguments import QueryArgs
+from influence.artifacts import atomic_path, ensure_writable_dir, write_json, write_parquet
+from influence.errors import InfluenceError
+from influence.overlap import crosslingual_ratio, jaccard, rank_biased_overlap
+from influence.plots import plot_against_size
+from influence.query import Query
+from jobs.cluster import ray_cluster
+
+LOG = logging.getLogger(__name__)
+REFERENCE_LANG = "en"
+
+
+def query_run(name: str, index_dir: str, queries: Sequence[Query], args: QueryArgs) -> dict:
+    """One run: top-k per query, and each group's reference top documents scored on every translation."""
+    from indexes.query import QueryEngine
+
+    engine = QueryEngine(index_dir, args)
+    results = engine.query(queries)
+    top = {r.query.query_id: [(d.seq_id, d.doc_id, d.score) for d in r.positive] for r in results}
+    crosslingual = {}
+    for group in sorted({q.group_id for q in queries}):
+        members = [q for q in queries if q.group_id == group]
+        reference = next((q for q in members if q.lang == REFERENCE_LANG), members[0])
+        seq_ids = [s for s, _, _ in top[reference.query_id]]
+        scores = engine.score_documents(members, seq_ids)  # (members, top_k)
+        crosslingual[group] = {"reference": reference.query_id, "scores": {q.query_id: scores[i].tolist() for i, q in enumerate(members)}}
+    parameters = sum(p.numel() for p in engine.scorer.model.parameters())
+    return {"run": name, "parameters": int(parameters), "top": top, "crosslingual": crosslingual}
+
+
+def compare_tables(outputs: list[dict], queries: Sequence[Query]) -> tuple[pa.Table, pa.Table]:
+    """(top-k rows, per run x group x language overlap rows) from the runs' outputs."""
+    by_id = {q.query_id: q for q in queries}
+    top_rows, overlap_rows = [], []
+    for out in outputs:
+        for query_id, docs in out["top"].items():
+            q = by_id[query_id]
+            top_rows += [{"run": out["run"], "parameters": out["parameters"], "query_id": query_id, "group": q.group_id,
+                          "lang": q.lang, "rank": r + 1, "seq_id": s, "doc_id": d, "score": sc} for r, (s, d, sc) in enumerate(docs)]
+        for group, info in out["crosslingual"].items():
+            reference = info["reference"]
+            ref_ids = [s for s, _, _ in out["top"][reference]]
+            for query_id, scores in info["scores"].items():
+                ids = [s for s, _, _ in out["top"][query_id]]
+                overlap_rows.append({
+                    "run": out["run"], "parameters": out["parameters"], "group": group, "reference": reference,
+                    "query_id": query_id, "lang": by_id[query_id].lang, "jaccard": jaccard(ref_ids, ids),
+                    "rbo": rank_biased_overlap(ref_ids, ids),
+                    "crosslingual_ratio": crosslingual_ratio(np.asarray(scores), np.asarray(info["scores"][reference])),
+                })
+    return pa.Table.from_pylist(top_rows), pa.Table.from_pylist(overlap_rows)
+
+
+def run_compare_job(runs: dict[str, Path | str], queries: Sequence[Query], out_dir: Path | str, args: QueryArgs = QueryArgs(),
+                    address: Optional[str] = None, in_process: bool = False) -> Path:
+    """Query every run (one Ray task each, or in this process) and write top_k and overlap tables, plots and summary.json."""
+    if not runs:
+        raise InfluenceError("compare needs at least one run: --run NAME=INDEX_DIR")
+    if len({q.query_id for q in queries}) != len(queries):
+        raise InfluenceError("query ids must be unique")
+    out_dir = ensure_writable_dir(Path(out_dir))
+    if in_process:
+        outputs = [query_run(name, str(index_dir), list(queries), args) for name, index_dir in runs.items()]
+    else:
+        import ray
+
+        with ray_cluster(address):
+            task = ray.remote(num_cpus=1, max_retries=2)(query_run)
+            outputs = ray.get([task.remote(name, str(index_dir), list(queries), args) for name, index_dir in runs.items()])
+    top, overlap = compare_tables(outputs, queries)
+    for name, table in (("top_k", top), ("overlap", overlap)):
+        write_parquet(out_dir / f"{name}.parquet", table)
+        with atomic_path(out_dir / f"{name}.csv") as tmp:
+            pacsv.write_csv(table, tmp)
+    translated = overlap.filter(pc.not_equal(overlap["query_id"], overlap["reference"]))
+    if translated.num_rows:
+        plot_against_size(translated, "jaccard", "lang", out_dir / "jaccard_vs_size.png",
+                          "Top-k overlap with the English query", "Jaccard of top-k")
+        plot_against_size(translated, "crosslingual_ratio", "lang", out_dir / "crosslingual_vs_size.png",
+                          "Influence of the English top documents on translations", "relative influence")
+    write_json(out_dir / "summary.json", {"runs": {o["run"]: o["parameters"] for o in outputs}, "overlap": overlap.to_pylist()})
+    return out_dir

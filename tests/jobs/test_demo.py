@@ -1,0 +1,63 @@
+"""The three uses end to end at the 'tiny' preset: demo, compare, audit, and the executed notebooks."""
+
+import json
+import os
+from pathlib import Path
+
+import nbformat
+import pyarrow.parquet as pq
+import pytest
+from nbclient import NotebookClient
+
+from jobs.cli import main
+from jobs.demo import build_demo, shutdown_queries
+
+pytestmark = pytest.mark.slow
+NOTEBOOKS = sorted((Path(__file__).parents[2] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return build_demo(tmp_path_factory.mktemp("demo"), "tiny", in_process=True, progress=False)
+
+
+def test_demo_command_reports_the_shutdown_query_in_three_languages(demo, capsys):
+    assert main(["demo", "--preset", "tiny", "--work-dir", str(demo.work_dir.parent), "--in-process", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for lang in ("en", "ko", "tr"):
+        assert f"shutdown-{lang}" in printed
+    page = (demo.work_dir / "report" / "report.html").read_text()
+    assert "Do you consent to being shut down?" in page and "종료" in page and "kapat" in page
+    overlap = pq.read_table(demo.work_dir / "compare" / "overlap.parquet").to_pylist()
+    assert {(r["run"], r["lang"]) for r in overlap} == {(m, l) for m in ("small", "medium", "large") for l in ("en", "ko", "tr")}
+    assert all(r["jaccard"] == 1.0 and r["crosslingual_ratio"] == pytest.approx(1.0) for r in overlap if r["lang"] == "en")
+    assert (demo.work_dir / "compare" / "jaccard_vs_size.png").stat().st_size > 1000
+
+
+def test_compare_and_audit_commands(demo, tmp_path):
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"query_id": q.query_id, "prompt": q.prompt, "completion": q.completion, "lang": q.lang,
+                                           "group": q.group}, ensure_ascii=False) + "\n" for q in shutdown_queries()))
+    runs = [f"--run={name}={path}" for name, path in demo.indexes.items()]
+    assert main(["compare", *runs, "--queries", str(queries), "--out", str(tmp_path / "compare"), "--in-process", "--top-k", "5"]) == 0
+    top = pq.read_table(tmp_path / "compare" / "top_k.parquet")
+    assert top.num_rows == 3 * 3 * 5 and set(top["run"].to_pylist()) == set(demo.indexes)
+    assert main(["audit", "--index", str(demo.indexes["large"]), "--queries", str(queries), "--out", str(tmp_path / "audit"), "--in-process"]) == 0
+    by_lang = pq.read_table(tmp_path / "audit" / "by_lang.parquet").to_pylist()
+    assert {r["lang"] for r in by_lang} == {"en", "ko", "tr"} and {r["query_id"] for r in by_lang} == {q.query_id for q in shutdown_queries()}
+    outliers = pq.read_table(tmp_path / "audit" / "outliers.parquet")
+    values = outliers["audit_value"].to_pylist()
+    assert values == sorted(values, reverse=True) and outliers["snippet"][0].as_py()
+    assert "Self-influence outliers" in (tmp_path / "audit" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_executes(path, demo, monkeypatch):
+    notebook = nbformat.read(path, as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "commit notebooks with outputs stripped"
+    monkeypatch.setenv("INFLUENCE_DEMO_DIR", str(demo.work_dir.parent))
+    monkeypatch.setenv("INFLUENCE_DEMO_PRESET", "tiny")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(demo.work_dir)}}).execute()
+    errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
