@@ -5,7 +5,7 @@ influence scores and their per-module / per-token decompositions. It imports nei
 FAISS; `indexes/` and `jobs/` build on it.
 """
 
-from influence.arguments import CorpusArgs, FactorArgs, ScoreArgs
+from influence.arguments import CorpusArgs, FactorArgs, IndexArgs, QueryArgs, ScoreArgs
 from influence.corpus import load_documents, prepare_corpus, load_sequences
 from influence.errors import InfluenceError
 from influence.factors import fit_factors, load_factors
@@ -16,6 +16,8 @@ from influence.scores import compute_scores
 __all__ = [
     "CorpusArgs",
     "FactorArgs",
+    "IndexArgs",
+    "QueryArgs",
     "ScoreArgs",
     "InfluenceError",
     "Query",

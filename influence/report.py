@@ -128,3 +128,24 @@ def save_results(results: Sequence[QueryResult], out_dir: Path | str) -> Path:
     with atomic_path(out_dir / REPORT_HTML) as tmp:
         tmp.write_text(render_html(results), encoding="utf-8")
     return out_dir
+
+
+def _table_html(table: pa.Table, columns: Sequence[str]) -> str:
+    columns = [c for c in columns if c in table.column_names]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td>" for v in row.values()) + "</tr>"
+                   for row in table.select(columns).to_pylist())
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_audit_html(tables: dict[str, pa.Table], summary: dict) -> str:
+    q = summary["self_influence"]["quantiles"]
+    parts = [f"<h1>Dataset audit</h1><p>{summary['self_influence']['count']} sequences; self-influence median {q['median']:.3g}, "
+             f"q99 {q['q99']:.3g}, max {q['max']:.3g}.</p><img src='self_influence.png' alt='self-influence histogram'>",
+             "<h2>Self-influence outliers</h2>", _table_html(tables["outliers"], ["seq_id", "doc_id", "source", "lang", "num_tokens", "audit_value", "robust_z", "snippet"]),
+             "<h2>Outliers per token</h2>", _table_html(tables["outliers_per_token"], ["seq_id", "doc_id", "source", "lang", "num_tokens", "audit_value", "robust_z", "snippet"])]
+    for name, title in (("by_source", "Influence by source"), ("by_lang", "Influence by language"), ("dominant", "Documents in many queries' top-k")):
+        if name in tables:
+            parts += [f"<h2>{title}</h2>", _table_html(tables[name], tables[name].column_names)]
+    style = "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:3px 6px}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>Dataset audit</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"

@@ -7,18 +7,16 @@ queries, and writes tables and an HTML report.
 
 from __future__ import annotations
 
-import html
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
 
 from indexes.store import load_doc_table
 from influence.arguments import ScoreArgs
-from influence.artifacts import atomic_path, ensure_writable_dir, read_manifest, write_json, write_parquet
+from influence.artifacts import atomic_path, ensure_writable_dir, read_manifest, write_json, write_tables
 from influence.audit import (
     attach_snippets,
     dominant_documents,
@@ -29,6 +27,7 @@ from influence.audit import (
 from influence.corpus import load_sequences
 from influence.factors import shard_rows
 from influence.plots import plot_histogram
+from influence.report import render_audit_html
 from influence.query import Query
 from jobs.cluster import ray_cluster
 
@@ -92,33 +91,9 @@ def run_audit_job(index_dir: Path | str, queries: Sequence[Query], out_dir: Path
         tables["by_source"] = influence_by_group(scores, np.asarray(rows["source"].to_pylist()), query_ids, "source")
         tables["by_lang"] = influence_by_group(scores, np.asarray(rows["lang"].to_pylist()), query_ids, "lang")
         tables["dominant"] = attach_snippets(dominant_documents(scores, seq_ids, top_k).slice(0, top), sequences)
-    for name, table in tables.items():
-        write_parquet(out_dir / f"{name}.parquet", table)
-        with atomic_path(out_dir / f"{name}.csv") as tmp:
-            pacsv.write_csv(table, tmp)
+    write_tables(out_dir, tables)
     plot_histogram(docs["self_influence"].to_numpy(), out_dir / "self_influence.png", "Self-influence of every sequence", "self-influence")
     write_json(out_dir / "summary.json", summary)
     with atomic_path(out_dir / "report.html") as tmp:
         tmp.write_text(render_audit_html(tables, summary), encoding="utf-8")
     return out_dir
-
-
-def _table_html(table: pa.Table, columns: Sequence[str]) -> str:
-    columns = [c for c in columns if c in table.column_names]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td>" for v in row.values()) + "</tr>"
-                   for row in table.select(columns).to_pylist())
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def render_audit_html(tables: dict[str, pa.Table], summary: dict) -> str:
-    q = summary["self_influence"]["quantiles"]
-    parts = [f"<h1>Dataset audit</h1><p>{summary['self_influence']['count']} sequences; self-influence median {q['median']:.3g}, "
-             f"q99 {q['q99']:.3g}, max {q['max']:.3g}.</p><img src='self_influence.png' alt='self-influence histogram'>",
-             "<h2>Self-influence outliers</h2>", _table_html(tables["outliers"], ["seq_id", "doc_id", "source", "lang", "num_tokens", "audit_value", "robust_z", "snippet"]),
-             "<h2>Outliers per token</h2>", _table_html(tables["outliers_per_token"], ["seq_id", "doc_id", "source", "lang", "num_tokens", "audit_value", "robust_z", "snippet"])]
-    for name, title in (("by_source", "Influence by source"), ("by_lang", "Influence by language"), ("dominant", "Documents in many queries' top-k")):
-        if name in tables:
-            parts += [f"<h2>{title}</h2>", _table_html(tables[name], tables[name].column_names)]
-    style = "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:3px 6px}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>Dataset audit</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"

@@ -14,10 +14,9 @@ from typing import Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 
 from influence.arguments import QueryArgs
-from influence.artifacts import atomic_path, ensure_writable_dir, write_json, write_parquet
+from influence.artifacts import ensure_writable_dir, write_json, write_tables
 from influence.errors import InfluenceError
 from influence.overlap import crosslingual_ratio, jaccard, rank_biased_overlap
 from influence.plots import plot_against_size
@@ -86,10 +85,7 @@ def run_compare_job(runs: dict[str, Path | str], queries: Sequence[Query], out_d
             task = ray.remote(num_cpus=1, max_retries=2)(query_run)
             outputs = ray.get([task.remote(name, str(index_dir), list(queries), args) for name, index_dir in runs.items()])
     top, overlap = compare_tables(outputs, queries)
-    for name, table in (("top_k", top), ("overlap", overlap)):
-        write_parquet(out_dir / f"{name}.parquet", table)
-        with atomic_path(out_dir / f"{name}.csv") as tmp:
-            pacsv.write_csv(table, tmp)
+    write_tables(out_dir, {"top_k": top, "overlap": overlap})
     translated = overlap.filter(pc.not_equal(overlap["query_id"], overlap["reference"]))
     if translated.num_rows:
         plot_against_size(translated, "jaccard", "lang", out_dir / "jaccard_vs_size.png",
