@@ -16,11 +16,11 @@ import numpy as np
 import pyarrow as pa
 
 from indexes.shards import sketch_shard_exists, write_sketch_shard
-from indexes.store import index_exists, merge_sketch_shards
+from indexes.store import check_factory, index_exists, merge_sketch_shards
 from influence.arguments import IndexArgs
 from influence.artifacts import read_json, read_manifest, require_same, write_json, write_manifest
 from influence.constants import ARGS_NAME, FACTORS_NAME, MANIFEST_NAME
-from influence.corpus import load_sequences
+from influence.corpus import load_sequences, require_fits_context
 from influence.errors import InfluenceError
 from influence.factors import load_factors, shard_rows
 from influence.gradients import capture_module_io, make_token_batch
@@ -42,8 +42,10 @@ class SketchBatches:
         self.model = load_model(model_dir, dtype=args.torch_dtype, device=args.device)
         factors = load_factors(factors_dir, model_dir)
         self.modules = find_tracked_modules(self.model, factors.manifest["args"]["module_pattern"])
+        require_same("tracked modules", [m.name for m in self.modules], factors.manifest["modules"], Path(factors_dir),
+                     "re-fit the factors with `influence fit` (the manifest's module list no longer matches the model)")
         compute_dtype = torch.float64 if args.torch_dtype == torch.float64 else torch.float32
-        self.sketcher = Sketcher(factors.to(compute_dtype, args.device), self.modules, args.sketch_size, args.seed)
+        self.sketcher = Sketcher(factors.to(compute_dtype, args.device), self.modules, args.sketch_size, args.seed, args.sketch)
 
     def __call__(self, batch: dict) -> dict:
         """{seq_id, input_ids} -> {seq_id, sketch (n, dim) float32, self_influence, grad_norm}."""
@@ -69,10 +71,19 @@ def index_identity(model_dir: Path, factors_dir: Path, corpus_dir: Path, args: I
     _, corpus = load_sequences(corpus_dir)
     import hashlib
 
+    if not (factors_dir / FACTORS_NAME).is_file():
+        raise InfluenceError(f"{factors_dir} has a manifest but no {FACTORS_NAME}; re-run `influence fit` into a new directory")
     factors_hash = hashlib.blake2b((factors_dir / FACTORS_NAME).read_bytes(), digest_size=16).hexdigest()
     return {"model_fingerprint": factors["model_fingerprint"], "corpus_fingerprint": corpus["corpus_fingerprint"],
             "factors_fingerprint": factors_hash, "modules": factors["modules"], "strategy": factors["args"]["strategy"],
             "args": args.artifact_dict()}
+
+
+def check_index_inputs(worker: SketchBatches, sequences: pa.Table, corpus_dir: Path, args: IndexArgs) -> None:
+    """Refuse, before anything is written, what would otherwise fail after the sketching or inside a Ray
+    worker: sequences longer than the model's context, and a factory the sketches cannot be indexed with."""
+    require_fits_context(sequences, worker.model, corpus_dir)
+    check_factory(worker.sketcher.dim, args.factory, min(args.train_size, sequences.num_rows))
 
 
 def start_index(index_dir: Path, identity: dict, args: IndexArgs) -> None:
@@ -119,10 +130,14 @@ def build_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path
 
     model_dir, factors_dir, corpus_dir, index_dir = map(Path, (model_dir, factors_dir, corpus_dir, index_dir))
     identity = index_identity(model_dir, factors_dir, corpus_dir, args)
-    start_index(index_dir, identity, args)
-    if index_exists(index_dir) and (index_dir / MANIFEST_NAME).exists():
-        return index_dir
+    finished = index_exists(index_dir) and (index_dir / MANIFEST_NAME).exists()
     sequences, _ = load_sequences(corpus_dir)
+    if not finished:
+        worker = worker or SketchBatches(str(model_dir), str(factors_dir), args)
+        check_index_inputs(worker, sequences, corpus_dir, args)
+    start_index(index_dir, identity, args)
+    if finished:
+        return index_dir
     num_shards = -(-sequences.num_rows // args.shard_size)
     start = time.perf_counter()
     for shard in tqdm(range(num_shards), desc="index shards", unit="shard", disable=not args.progress):

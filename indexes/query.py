@@ -51,7 +51,8 @@ class QueryEngine:
         require_same("corpus", manifest["corpus_fingerprint"], corpus_manifest["corpus_fingerprint"], self.index_dir,
                      "pass the corpus directory the index was built from")
         index_args = manifest["args"]
-        self.sketcher = Sketcher(self.scorer.factors, self.scorer.modules, index_args["sketch_size"], index_args["seed"])
+        self.sketcher = Sketcher(self.scorer.factors, self.scorer.modules, index_args["sketch_size"], index_args["seed"],
+                                 index_args.get("sketch", "kronecker"))
         self.index = load_index(self.index_dir)
         self.docs = load_doc_table(self.index_dir)
         self.seq_ids = self.docs["seq_id"].to_numpy()

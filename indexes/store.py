@@ -193,7 +193,10 @@ def load_doc_table(index_dir: Path) -> pa.Table:
     """Read `docs.parquet`: one row per FAISS id, `index_id` = row position, plus the shards' columns."""
     index_dir = Path(index_dir)
     meta = _read_meta(index_dir)
-    docs = pq.read_table(index_dir / DOCS_NAME)
+    try:
+        docs = pq.read_table(index_dir / DOCS_NAME)
+    except (OSError, pa.ArrowException) as exc:
+        raise InfluenceError(f"{index_dir / DOCS_NAME} is not a readable Parquet file ({exc}); re-run merge_sketch_shards") from exc
     require_same("doc table rows", meta["ntotal"], docs.num_rows, index_dir, "re-run merge_sketch_shards")
     return docs
 
@@ -238,6 +241,21 @@ def _check_shards_agree(index_dir: Path, shapes: list[tuple[int, int]], tables: 
     return dims[0]
 
 
+def check_factory(dim: int, factory: str, num_train: int) -> None:
+    """Refuse, before any sketching, a factory that cannot build a `dim`-dimensional inner-product
+    index, or whose IVF level has more centroids than the `num_train` rows it would be trained on."""
+    _check_trainable(_create_index(dim, factory), factory, num_train)
+
+
+def _check_trainable(index: faiss.Index, factory: str, num_train: int) -> None:
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and num_train < ivf.nlist:
+        raise InfluenceError(
+            f"factory {factory!r} needs at least {ivf.nlist} training rows for its {ivf.nlist} IVF centroids, "
+            f"but only {num_train} are available; use a smaller nlist (e.g. IVF{max(1, num_train // 39)}) or \"Flat\""
+        )
+
+
 def _create_index(dim: int, factory: str) -> faiss.Index:
     """faiss.index_factory with an inner-product metric, with errors a user can act on."""
     examples = ", ".join(f'"{example}"' for example in FACTORY_EXAMPLES)
@@ -276,12 +294,8 @@ def _skip_polysemous_training(index: faiss.Index) -> None:
 
 def _train_index(index: faiss.Index, factory: str, sample: np.ndarray) -> int:
     """Train `index` on `sample` (num_train, d), turning FAISS's failures into actionable errors."""
+    _check_trainable(index, factory, sample.shape[0])
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and sample.shape[0] < ivf.nlist:
-        raise InfluenceError(
-            f"factory {factory!r} needs at least {ivf.nlist} training rows for its {ivf.nlist} IVF centroids, "
-            f"but only {sample.shape[0]} are available; use a smaller nlist (e.g. IVF{max(1, sample.shape[0] // 39)}) or \"Flat\""
-        )
     if ivf is not None and sample.shape[0] < 39 * ivf.nlist:
         LOG.warning("training %d IVF centroids on %d rows: FAISS advises >= %d", ivf.nlist, sample.shape[0], 39 * ivf.nlist)
     start_time = time.perf_counter()

@@ -11,6 +11,7 @@ import torch
 from influence.constants import STRATEGIES
 from influence.errors import InfluenceError
 
+SKETCHES = ("eigen", "kronecker")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -63,7 +64,7 @@ def _check_positive(name: str, value: Optional[float], allow_none: bool = False)
     if value is None and allow_none:
         return
     if value is None or value <= 0:
-        raise InfluenceError(f"{name} must be positive, got {value!r}")
+        raise InfluenceError(f"{name} must be positive, got {value!r}; pass a number > 0")
 
 
 @dataclass
@@ -151,8 +152,10 @@ class IndexArgs(StageArgs):
 
     RUNTIME_ONLY = ("batch_size", "device", "progress", "workers")
 
-    sketch_size: int = _help("k: each module's whitened gradient is projected to k x k numbers", 16)
-    seed: int = _help("seed of the projections (derived per module)", 0)
+    sketch: str = _help("'eigen': the k x k EK-FAC eigen-coordinates of largest Lambda/(Lambda+damping) per module; "
+                        "'kronecker': a seeded Gaussian R_out W R_in^T (see benchmarks/index_build.py for the comparison)", "eigen")
+    sketch_size: int = _help("k: each module's whitened gradient is sketched to k x k numbers", 16)
+    seed: int = _help("seed of the projections (derived per module; 'kronecker' only)", 0)
     factory: str = _help("FAISS index_factory string: Flat (exact), IVF256,Flat, HNSW32, IVF256,PQ32 ...", "Flat")
     train_size: int = _help("rows sampled to train IVF/PQ indexes", 50_000)
     shard_size: int = _help("sequences per resumable shard", 1024)
@@ -164,6 +167,8 @@ class IndexArgs(StageArgs):
 
     def __post_init__(self) -> None:
         _check_dtype(self.dtype)
+        if self.sketch not in SKETCHES:
+            raise InfluenceError(f"unknown sketch {self.sketch!r}; choose one of {', '.join(SKETCHES)}")
         for name in ("sketch_size", "train_size", "shard_size", "batch_size", "workers"):
             if getattr(self, name) < 1:
                 raise InfluenceError(f"{name} must be a positive integer, got {getattr(self, name)}")

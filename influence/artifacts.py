@@ -25,6 +25,8 @@ from influence.constants import MANIFEST_NAME
 from influence.errors import InfluenceError
 
 LOG = logging.getLogger(__name__)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextmanager
@@ -37,6 +39,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():  # mkstemp creates 0600; artifacts get the usual permissions
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -61,8 +65,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # e.g. a binary file put in its place
         raise InfluenceError(f"{path} is not valid JSON ({exc}); delete it and re-run the stage that wrote it") from exc
 
 
@@ -81,6 +85,16 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def write_parquet(path: Path, table: pa.Table) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def write_tables(directory: Path, tables: Mapping[str, pa.Table]) -> None:
+    """Each table as NAME.parquet (for programs) and NAME.csv (for spreadsheets), atomically."""
+    import pyarrow.csv as pacsv
+
+    for name, table in tables.items():
+        write_parquet(Path(directory) / f"{name}.parquet", table)
+        with atomic_path(Path(directory) / f"{name}.csv") as tmp:
+            pacsv.write_csv(table, tmp)
 
 
 def fingerprint_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -111,6 +125,16 @@ def write_manifest(directory: Path, kind: str, **fields: Any) -> dict:
     return manifest
 
 
+# Keys the stages read from each kind of manifest (with their types): checked on load, so a manifest
+# edited by hand or written by another version fails with a message instead of a KeyError.
+MANIFEST_KEYS: dict[str, dict[str, type]] = {
+    "corpus": {"corpus_fingerprint": str, "tokenizer_fingerprint": str, "documents": str, "args": dict},
+    "factors": {"model_fingerprint": str, "corpus_fingerprint": str, "modules": list, "args": dict},
+    "index": {"model_fingerprint": str, "corpus_fingerprint": str, "factors_fingerprint": str, "modules": list, "args": dict,
+              "model_dir": str, "factors_dir": str, "corpus_dir": str},
+}
+
+
 def read_manifest(directory: Path, kind: str) -> dict:
     path = Path(directory) / MANIFEST_NAME
     if not path.exists():
@@ -119,6 +143,10 @@ def read_manifest(directory: Path, kind: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("kind") != kind:
         found = manifest.get("kind") if isinstance(manifest, dict) else type(manifest).__name__
         raise InfluenceError(f"{directory} holds a '{found}' artifact, not '{kind}'; point to the {kind} directory")
+    bad = [key for key, kind_of in MANIFEST_KEYS.get(kind, {}).items() if not isinstance(manifest.get(key), kind_of)]
+    if bad:
+        raise InfluenceError(f"{path} lacks or mistypes {', '.join(bad)}: it was edited by hand or written by another version; "
+                             f"re-run the {kind} stage into a new directory")
     return manifest
 
 

@@ -59,10 +59,10 @@ def _read_table(path: Path) -> pa.Table:
             try:
                 return datasets.load_from_disk(str(path)).data.table
             except Exception as exc:
-                raise InfluenceError(f"cannot read the datasets folder {path}: {exc}") from exc
+                raise InfluenceError(f"cannot read the datasets folder {path} ({exc}); save it again with Dataset.save_to_disk") from exc
         files = sorted(path.glob("*.parquet")) + sorted(path.glob("*.jsonl"))
         if not files:
-            raise InfluenceError(f"{path} has no .parquet or .jsonl files and is not a datasets folder")
+            raise InfluenceError(f"{path} has no .parquet or .jsonl files and is not a datasets folder; point to a folder of documents")
         return pa.concat_tables([_read_table(f) for f in files], promote_options="default")
     if path.suffix in (".jsonl", ".json"):
         return _read_jsonl(path)
@@ -86,12 +86,14 @@ def load_documents(path: Path | str) -> pa.Table:
         raise InfluenceError(f"corpus {path} is empty; it needs at least one document")
     if "text" not in table.column_names:
         raise InfluenceError(f"corpus {path} has no 'text' column (columns: {table.column_names}); rename the text column to 'text'")
-    texts = table.column("text").to_pylist()
+    texts = _column_values(table, "text", path)
     for row, text in enumerate(texts):
+        if isinstance(text, bytes):
+            raise InfluenceError(f"corpus {path} row {row} holds bytes, not text; store the 'text' column as UTF-8 strings")
         if not isinstance(text, str) or not text.strip():
             raise InfluenceError(f"corpus {path} row {row} has no text ({text!r}); drop the row or fill it in")
     n = table.num_rows
-    doc_ids = [str(v) for v in table.column("doc_id").to_pylist()] if "doc_id" in table.column_names else [str(i) for i in range(n)]
+    doc_ids = [str(v) for v in _column_values(table, "doc_id", path)] if "doc_id" in table.column_names else [str(i) for i in range(n)]
     if len(set(doc_ids)) != n:
         duplicate = next(d for i, d in enumerate(doc_ids) if d in doc_ids[:i])
         raise InfluenceError(f"corpus {path} has duplicate doc_id {duplicate!r}; doc ids must be unique")
@@ -99,9 +101,23 @@ def load_documents(path: Path | str) -> pa.Table:
     def optional(name: str, default: str) -> list[str]:
         if name not in table.column_names:
             return [default] * n
-        return [default if v is None else str(v) for v in table.column(name).to_pylist()]
+        return [default if v is None else str(v) for v in _column_values(table, name, path)]
 
     return pa.table({"doc_id": doc_ids, "text": texts, "source": optional("source", path.stem), "lang": optional("lang", "und")})
+
+
+def _column_values(table: pa.Table, name: str, path: Path) -> list:
+    """A column as Python values. Parquet does not check that strings are UTF-8, so a bad one is named by row."""
+    column = table.column(name)
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError as exc:
+        for row in range(len(column)):
+            try:
+                column[row].as_py()
+            except UnicodeDecodeError:
+                raise InfluenceError(f"corpus {path} row {row}: '{name}' is not UTF-8 ({exc.reason}); re-encode the file as UTF-8") from exc
+        raise
 
 
 def chunk_token_ids(ids: list[int], args: CorpusArgs) -> list[list[int]]:
@@ -192,6 +208,16 @@ def load_sequences(corpus_dir: Path | str) -> tuple[pa.Table, dict]:
     except Exception as exc:
         raise InfluenceError(f"{corpus_dir / SEQUENCES_NAME} is unreadable ({exc}); re-run `influence corpus`") from exc
     return table, manifest
+
+
+def require_fits_context(sequences: pa.Table, model, corpus_dir: Path | str) -> None:
+    """Refuse sequences longer than the model's context: they would run past its position embeddings."""
+    from influence.query import context_length
+
+    limit, longest = context_length(model), max(sequences["num_tokens"].to_pylist(), default=0)
+    if limit is not None and longest > limit:
+        raise InfluenceError(f"corpus {corpus_dir} has sequences of up to {longest} tokens but the model's context is {limit}; "
+                             f"re-run `influence corpus` with --max-length {limit} or less")
 
 
 def iterate_batches(sequences: pa.Table, batch_size: int, rows: range | None = None) -> Iterator[tuple[list[int], list[list[int]]]]:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from influence import constants as C
 from influence.arguments import FactorArgs
 from influence.artifacts import load_tensors, read_json, read_manifest, require_same, save_tensors, write_json, write_manifest
-from influence.corpus import iterate_batches, load_sequences
+from influence.corpus import iterate_batches, load_sequences, require_fits_context
 from influence.errors import InfluenceError
 from influence.gradients import capture_module_io, make_token_batch, rotated_gradients
 from influence.models import TrackedModule, find_tracked_modules, fingerprint_model, load_model
@@ -86,6 +86,7 @@ class FitContext:
         self.model = load_model(model_dir, dtype=args.torch_dtype, device=args.device)
         self.modules: list[TrackedModule] = find_tracked_modules(self.model, args.module_pattern)
         self.sequences, corpus_manifest = load_sequences(corpus_dir)
+        require_fits_context(self.sequences, self.model, corpus_dir)
         self.identity = {
             "model_fingerprint": fingerprint_model(model_dir),
             "corpus_fingerprint": corpus_manifest["corpus_fingerprint"],

@@ -8,6 +8,9 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Idle OpenMP threads spin by default; with tests, Ray workers and notebook kernels sharing 2 cores that
+# makes torch many times slower. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from influence.tiny import build_model, build_tokenizer  # noqa: E402

@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from indexes.build import build_index
 from indexes.search import search_index
@@ -22,9 +23,9 @@ def build(llama_dir, ekfac_dir, corpus_dir, out, **kwargs):
     return build_index(llama_dir, ekfac_dir, corpus_dir, out, IndexArgs(progress=False, **kwargs))
 
 
-def query_sketches(llama_dir, ekfac_dir, sketch_size):
+def query_sketches(llama_dir, ekfac_dir, sketch_size, method="eigen"):
     scorer = Scorer(llama_dir, ekfac_dir, ScoreArgs(progress=False))
-    sketcher = Sketcher(scorer.factors, scorer.modules, sketch_size, seed=0)
+    sketcher = Sketcher(scorer.factors, scorer.modules, sketch_size, seed=0, method=method)
     return sketcher.sketch_gradients(scorer.query_gradients(scorer.tokenize(QUERIES))).numpy()
 
 
@@ -37,16 +38,18 @@ def test_doc_table_holds_exact_self_influence(llama_dir, ekfac_dir, corpus_dir, 
     assert set(docs.column_names) >= {"index_id", "doc_id", "source", "lang", "num_tokens", "grad_norm", "self_influence"}
 
 
-def test_sketch_inner_products_track_exact_scores(llama_dir, ekfac_dir, corpus_dir, tmp_path):
-    index_dir = build(llama_dir, ekfac_dir, corpus_dir, tmp_path, sketch_size=64)
+@pytest.mark.parametrize("method", ["eigen", "kronecker"])
+def test_sketch_inner_products_track_exact_scores(llama_dir, ekfac_dir, corpus_dir, tmp_path, method):
+    # k = 64 keeps every coordinate of these tiny modules ('eigen' is then exact) or nearly preserves norms
+    index_dir = build(llama_dir, ekfac_dir, corpus_dir, tmp_path, sketch_size=64, sketch=method)
     exact = compute_scores(llama_dir, ekfac_dir, corpus_dir, QUERIES, ScoreArgs(progress=False)).scores
-    sketches = query_sketches(llama_dir, ekfac_dir, 64)
+    sketches = query_sketches(llama_dir, ekfac_dir, 64, method)
     index = load_index(index_dir)
     scores, ids = search_index(index, sketches, k=index.ntotal)
     for q in range(len(QUERIES)):
         approx = np.empty(index.ntotal)
         approx[ids[q]] = scores[q]
-        assert np.corrcoef(approx, exact[q])[0, 1] > 0.9
+        assert np.corrcoef(approx, exact[q])[0, 1] > (0.99999 if method == "eigen" else 0.9)
 
 
 def test_identical_inputs_give_identical_index_and_resume_equals_uninterrupted(llama_dir, ekfac_dir, corpus_dir, tmp_path):
@@ -67,3 +70,17 @@ def test_resume_with_other_settings_is_refused(llama_dir, ekfac_dir, corpus_dir,
     build(llama_dir, ekfac_dir, corpus_dir, tmp_path, sketch_size=8)
     with pytest.raises(InfluenceError, match="different IndexArgs"):
         build(llama_dir, ekfac_dir, corpus_dir, tmp_path, sketch_size=16)
+
+
+def test_eigen_sketch_keeps_the_coordinates_of_largest_curvature_ratio(llama_dir, ekfac_dir):
+    from influence.factors import load_factors
+    from influence.sketches import eigen_coordinates
+
+    factors = load_factors(ekfac_dir)
+    for f in factors.modules.values():
+        chosen = eigen_coordinates(f, 10)
+        ratio = (f.eigenvalues / (f.eigenvalues + f.damping)).flatten()
+        rest = torch.ones_like(ratio, dtype=torch.bool)
+        rest[chosen] = False
+        assert len(chosen) == 10 and ratio[chosen].min() >= ratio[rest].max() - 1e-6
+        assert torch.equal(chosen, eigen_coordinates(f.__class__(f.eigenvalues.double(), f.damping), 10))
