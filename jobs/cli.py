@@ -73,10 +73,10 @@ def fit_options(parser):
 
 
 def fit_run(ns):
-    corpus = prepared_corpus(ns.corpus, ns.model, ns.out, ns)
-    args = dataclass_from(ns, FactorArgs)
+    args = dataclass_from(ns, FactorArgs)  # validate every option before anything is written
     if ns.num_shards is not None and ns.num_shards < 1:
         raise InfluenceError(f"--num-shards must be at least 1, got {ns.num_shards}")
+    corpus = prepared_corpus(ns.corpus, ns.model, ns.out, ns)
     start = time.perf_counter()
     if ns.in_process:
         from influence.factors import fit_factors
@@ -305,6 +305,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except InfluenceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a Ray task's error arrives wrapped; ours are unwrapped to the one-line form
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, InfluenceError):
+            print(f"error: {cause}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; re-run the same command to resume", file=sys.stderr)
         return 130

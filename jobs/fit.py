@@ -38,9 +38,16 @@ class FitWorker:
 
 
 def _run_pass(pool, method: str, out_dir: Path, shards: list[int], num_shards: int, progress: bool) -> None:
+    from ray.exceptions import RayTaskError
+
     results = pool.map_unordered(lambda actor, shard: getattr(actor, method).remote(str(out_dir), shard, num_shards), shards)
-    for _ in tqdm(results, total=len(shards), desc=f"{method} shards", unit="shard", disable=not progress):
-        pass
+    try:
+        for _ in tqdm(results, total=len(shards), desc=f"{method} shards", unit="shard", disable=not progress):
+            pass
+    except RayTaskError as exc:  # a worker's InfluenceError, e.g. a corrupt shard: its one-line message, not Ray's traceback
+        if isinstance(exc.cause, InfluenceError):
+            raise exc.cause from None
+        raise
 
 
 def run_fit_job(model_dir: Path | str, corpus_dir: Path | str, out_dir: Path | str, args: FactorArgs = FactorArgs(),

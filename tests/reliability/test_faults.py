@@ -1,0 +1,119 @@
+"""The fit job under real `kill -9`s: of a Ray worker mid-fit, and of the driver mid-fit.
+
+Many one-sequence shards (`--num-shards` = the corpus size) with `--batch-size 1` make the fit long enough to be
+killed in the middle. Either way the result must equal an uninterrupted fit in float64 (eigenvalues and the
+preconditioner applied to random vectors), and a re-run must resume from the shards finished before the kill,
+not redo them. The index job's kills are covered by tests/jobs/test_ray_jobs.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from influence.arguments import FactorArgs
+from influence.factors import fit_factors, load_factors
+from tests.jobs.test_ray_jobs import _wait_for, assert_same_factors
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def fit_command(model, corpus, out, num_shards, *extra):
+    return [sys.executable, "-m", "jobs.cli", "fit", "--model", str(model), "--corpus", str(corpus), "--out", str(out),
+            "--num-shards", str(num_shards), "--batch-size", "1", "--dtype", "float64", "--no-progress", *extra]
+
+
+def finished_shards(out: Path) -> dict[str, tuple[int, int]]:
+    """Shard files renamed into place (temporaries start with '.'), with (inode, mtime) to tell a rewrite."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*_shard_*.safetensors")}
+
+
+def fit_worker_pids() -> list[int]:
+    lines = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return [int(line.split()[0]) for line in lines if "ray::" in line and "FitWorker" in line]
+
+
+@pytest.fixture(scope="module")
+def num_shards(corpus_dir) -> int:
+    return pq.read_metadata(corpus_dir / "sequences.parquet").num_rows  # one sequence per shard
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir, corpus_dir, num_shards, tmp_path_factory):
+    """The uninterrupted fit, in this process, with the same shards and batch size."""
+    args = FactorArgs(dtype="float64", batch_size=1, progress=False)
+    return load_factors(fit_factors(llama_dir, corpus_dir, tmp_path_factory.mktemp("uninterrupted"), args, num_shards=num_shards))
+
+
+def test_killed_worker_mid_fit_is_replaced_or_resumed(llama_dir, corpus_dir, num_shards, reference, tmp_path):
+    out = tmp_path / "worker_killed"
+    command = fit_command(llama_dir, corpus_dir, out, num_shards, "--workers", "1")
+    proc = subprocess.Popen(command, cwd=ROOT, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for(lambda: fit_worker_pids() and len(finished_shards(out)) >= 2), "the fit never started a worker"
+        victims = fit_worker_pids()
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        assert not (out / "manifest.json").exists(), "the fit finished before the kill: make it longer"
+        killed_at = finished_shards(out)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert victims and len(killed_at) < 2 * num_shards
+    if proc.returncode != 0:  # Ray gave up on the actor: the same command must then resume and finish
+        rerun = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert all(finished_shards(out)[name] == stamp for name, stamp in killed_at.items()), "finished shards were redone"
+    assert_same_factors(reference, load_factors(out))
+
+
+def test_killed_driver_mid_fit_resumes_to_the_uninterrupted_factors(llama_dir, corpus_dir, num_shards, reference, tmp_path):
+    out = tmp_path / "driver_killed"
+    proc = subprocess.Popen(fit_command(llama_dir, corpus_dir, out, num_shards, "--workers", "1"), cwd=ROOT, env=ENV,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: len(finished_shards(out)) >= 2), "the fit never wrote a shard"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
+        proc.wait()
+    killed_at = finished_shards(out)
+    assert not (out / "manifest.json").exists() and not (out / "factors.safetensors").exists()
+    assert len(killed_at) < 2 * num_shards, "the fit finished before the kill: make it longer"
+
+    rerun = subprocess.run(fit_command(llama_dir, corpus_dir, out, num_shards, "--in-process"), cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert all(finished_shards(out)[name] == stamp for name, stamp in killed_at.items()), "finished shards were redone"
+    assert len(finished_shards(out)) == 2 * num_shards
+    assert_same_factors(reference, load_factors(out))
+
+
+def test_a_worker_error_reaches_the_cli_as_one_line(llama_dir, corpus_dir, ekfac_dir, tmp_path):
+    """An InfluenceError raised inside a Ray worker (here: a damaged basis file met on resume) is printed like any
+    other bad input, one `error:` line and exit 2, not as Ray's wrapped traceback."""
+    out = tmp_path / "damaged"
+    shutil.copytree(ekfac_dir, out)  # a finished single-shard fit, taken back to "pass 1 done"
+    for name in ("manifest.json", "factors.safetensors", "eigenvalue_shard_00000_of_00001.safetensors"):
+        (out / name).unlink()
+    (out / "eigenvectors.safetensors").write_bytes((out / "eigenvectors.safetensors").read_bytes()[:100])
+    command = [sys.executable, "-m", "jobs.cli", "fit", "--model", str(llama_dir), "--corpus", str(corpus_dir), "--out", str(out),
+               "--num-shards", "1", "--workers", "1", "--no-progress"]
+    proc = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and "eigenvectors.safetensors is not a readable safetensors file" in errors[0], proc.stderr[-3000:]
+    assert "ray::" not in proc.stderr and 'File "' not in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "manifest.json").exists() and not (out / "factors.safetensors").exists()
