@@ -144,15 +144,18 @@ class QueryEngine:
         """Exact scores of the given sequences: (queries, n), (modules, queries, n), per-token list."""
         totals, modules, tokens = [], [], []
         size = self.args.batch_size
+        sequences = [self.input_ids[int(s)].as_py() for s in seq_ids]
+        by_length = np.argsort([len(ids) for ids in sequences], kind="stable")  # batches of similar length pad less
         for start in range(0, len(seq_ids), size):
-            chunk = seq_ids[start : start + size]
-            ids = [self.input_ids[int(s)].as_py() for s in chunk]
-            result = self.scorer.score_batch(make_token_batch(ids, device=self.args.device), per_token=per_token)
+            ids = [sequences[i] for i in by_length[start : start + size]]
+            result = self.scorer.score_batch(make_token_batch(ids, device=self.args.device), per_token=per_token, self_influence=False)
             totals.append(result.total.double().cpu())
             modules.append(result.per_module.double().cpu())
             if per_token:
                 tokens.extend(result.per_token[:, j, : len(ids[j])].double().cpu().numpy() for j in range(len(ids)))
-        return torch.cat(totals, 1).numpy(), torch.cat(modules, 2).numpy(), (tokens if per_token else None)
+        restore = np.argsort(by_length, kind="stable")
+        scores, per_module = torch.cat(totals, 1).numpy()[:, restore], torch.cat(modules, 2).numpy()[:, :, restore]
+        return scores, per_module, ([tokens[i] for i in restore] if per_token else None)
 
     def _document(self, query, qi, sign, rank, seq_id, score, module_scores, token_scores, sketch_score) -> DocumentInfluence:
         row = self.sequences.slice(seq_id, 1).to_pylist()[0]

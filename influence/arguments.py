@@ -181,7 +181,7 @@ class QueryArgs(StageArgs):
     RUNTIME_ONLY = ("batch_size", "device", "progress")
 
     top_k: int = _help("documents returned per sign (most positive and most negative)", 10)
-    candidates: int = _help("candidates re-ranked exactly per sign", 200)
+    candidates: int = _help("candidates re-ranked exactly per sign", 100)
     generator: str = _help("candidate generator: 'index' (FAISS over sketches), 'bm25' (text), 'exact' (full scan)", "index")
     nprobe: Optional[int] = _help("IVF lists visited per search (IVF indexes only)", None)
     per_token: bool = _help("compute per-token influence inside the returned documents", True)

@@ -39,7 +39,7 @@ class BatchScores:
     total: torch.Tensor                 # (queries, batch)
     per_module: torch.Tensor            # (modules, queries, batch)
     per_token: Optional[torch.Tensor]   # (queries, batch, tokens), zero past each sequence's end
-    self_influence: torch.Tensor        # (batch,)
+    self_influence: torch.Tensor        # (batch,) float64; zeros when not requested
 
 
 class Scorer:
@@ -83,12 +83,12 @@ class Scorer:
             rank = self.args.query_rank
             self.prepared[name] = low_rank(preconditioned, rank) if rank else preconditioned
 
-    def score_batch(self, batch: TokenBatch, per_token: Optional[bool] = None) -> BatchScores:
+    def score_batch(self, batch: TokenBatch, per_token: Optional[bool] = None, self_influence: bool = True) -> BatchScores:
         if not self.prepared:
             raise InfluenceError("no queries prepared; call prepare(queries) first")
         per_token = self.args.per_token if per_token is None else per_token
         io, _ = capture_module_io(self.model, self.modules, batch)
-        module_scores, token_scores, self_influence = [], None, 0.0
+        module_scores, token_scores, self_scores = [], None, torch.zeros(len(batch.input_ids), dtype=torch.float64)
         for name, (a, s) in io.items():
             factors = self.factors.modules[name]
             contribution = _module_scores(self.prepared[name], a, s, per_token)
@@ -97,9 +97,11 @@ class Scorer:
                 module_scores.append(contribution.sum(-1))
             else:
                 module_scores.append(contribution)
-            self_influence = self_influence + self_influence_from_rotated(rotated_gradients(a, s, factors.q_a, factors.q_s), factors)
+            if self_influence:  # the query engine's re-rank does not need it; the index stores it
+                rotated = rotated_gradients(a, s, factors.q_a, factors.q_s)
+                self_scores = self_scores + self_influence_from_rotated(rotated, factors).double().cpu()
         per_module = torch.stack(module_scores)  # (modules, queries, batch)
-        return BatchScores(per_module.sum(0), per_module, token_scores, self_influence)
+        return BatchScores(per_module.sum(0), per_module, token_scores, self_scores)
 
 
 def _module_scores(prepared, a: torch.Tensor, s: torch.Tensor, per_token: bool) -> torch.Tensor:
