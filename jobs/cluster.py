@@ -23,7 +23,9 @@ def ray_cluster(address: Optional[str] = None, num_cpus: Optional[int] = None) -
     if ray.is_initialized():
         yield
         return
-    kwargs = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": False, "include_dashboard": False}
+    # Ray's own INFO chatter would drown the stage's progress bars and summary
+    kwargs = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": False, "include_dashboard": False,
+              "logging_level": logging.WARNING}
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -163,14 +163,15 @@ def run_demo(work_dir: Path | str = "demo_runs", preset_name: str = "full", work
     from jobs.compare import run_compare_job
 
     start = time.perf_counter()
-    run = build_demo(work_dir, preset_name, workers, in_process, progress, address)
-    queries = shutdown_queries()
-    largest = list(run.indexes)[-1]
-    engine = QueryEngine(run.indexes[largest], QueryArgs(top_k=5, candidates=100))
-    results = engine.query(queries)
-    report_dir = save_results(results, run.work_dir / "report")
-    compare_dir = run_compare_job(run.indexes, queries, run.work_dir / "compare", QueryArgs(top_k=10, candidates=100),
-                                  address=address, in_process=in_process)
+    with ray_cluster(address) if not in_process else nullcontext():  # one cluster for every job of the demo
+        run = build_demo(work_dir, preset_name, workers, in_process, progress, address)
+        queries = shutdown_queries()
+        largest = list(run.indexes)[-1]
+        engine = QueryEngine(run.indexes[largest], QueryArgs(top_k=5, candidates=100))
+        results = engine.query(queries)
+        report_dir = save_results(results, run.work_dir / "report")
+        compare_dir = run_compare_job(run.indexes, queries, run.work_dir / "compare", QueryArgs(top_k=10, candidates=100),
+                                      address=address, in_process=in_process)
     sequences, _ = load_sequences(run.corpus_dir)
     return {"run": run, "results": results, "terminal": render_terminal(results), "report": report_dir / "report.html",
             "compare": compare_dir, "seconds": time.perf_counter() - start, "num_sequences": sequences.num_rows, "largest": largest}
