@@ -152,8 +152,8 @@ class IndexArgs(StageArgs):
 
     RUNTIME_ONLY = ("batch_size", "device", "progress", "workers")
 
-    sketch: str = _help("'eigen': the k x k EK-FAC eigen-coordinates of largest Lambda/(Lambda+damping) per module; "
-                        "'kronecker': a seeded Gaussian R_out W R_in^T (see benchmarks/index_build.py for the comparison)", "eigen")
+    sketch: str = _help("'kronecker': a seeded Gaussian R_out W R_in^T per module; 'eigen': the k x k EK-FAC eigen-coordinates "
+                        "of largest Lambda/(Lambda+damping) (benchmarks/query_latency.py compares them)", "kronecker")
     sketch_size: int = _help("k: each module's whitened gradient is sketched to k x k numbers", 16)
     seed: int = _help("seed of the projections (derived per module; 'kronecker' only)", 0)
     factory: str = _help("FAISS index_factory string: Flat (exact), IVF256,Flat, HNSW32, IVF256,PQ32 ...", "Flat")

@@ -23,7 +23,7 @@ def build(llama_dir, ekfac_dir, corpus_dir, out, **kwargs):
     return build_index(llama_dir, ekfac_dir, corpus_dir, out, IndexArgs(progress=False, **kwargs))
 
 
-def query_sketches(llama_dir, ekfac_dir, sketch_size, method="eigen"):
+def query_sketches(llama_dir, ekfac_dir, sketch_size, method="kronecker"):
     scorer = Scorer(llama_dir, ekfac_dir, ScoreArgs(progress=False))
     sketcher = Sketcher(scorer.factors, scorer.modules, sketch_size, seed=0, method=method)
     return sketcher.sketch_gradients(scorer.query_gradients(scorer.tokenize(QUERIES))).numpy()
