@@ -91,7 +91,7 @@ class QueryEngine:
 
         tick = time.perf_counter()
         union = np.unique(np.concatenate([np.concatenate(c) for c in candidates]))
-        scores, per_module, per_token = self._score(union, args.per_token)
+        scores, per_module, per_token = self._score(union, args.per_token, args.batch_size)
         seconds["rerank"] = time.perf_counter() - tick
         seconds["total"] = sum(seconds.values())
 
@@ -140,10 +140,10 @@ class QueryEngine:
         ids, _ = self._bm25.retrieve(bm25s.tokenize(texts, show_progress=False), k=depth, show_progress=False)
         return [self.sequences["seq_id"].to_numpy()[row] for row in ids]
 
-    def _score(self, seq_ids: np.ndarray, per_token: bool):
+    def _score(self, seq_ids: np.ndarray, per_token: bool, batch_size: Optional[int] = None):
         """Exact scores of the given sequences: (queries, n), (modules, queries, n), per-token list."""
         totals, modules, tokens = [], [], []
-        size = self.args.batch_size
+        size = batch_size or self.args.batch_size
         sequences = [self.input_ids[int(s)].as_py() for s in seq_ids]
         by_length = np.argsort([len(ids) for ids in sequences], kind="stable")  # batches of similar length pad less
         for start in range(0, len(seq_ids), size):

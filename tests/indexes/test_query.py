@@ -98,3 +98,11 @@ def test_index_refuses_another_corpus(index_dir, llama_dir, corpus_file, tmp_pat
     other = prepare_corpus(corpus_file, llama_dir, tmp_path / "c", CorpusArgs(max_length=8), progress=False)
     with pytest.raises(InfluenceError, match="corpus mismatch"):
         QueryEngine(index_dir, corpus_dir=other)
+
+
+def test_per_call_batch_size_gives_the_same_answer(engine):
+    small = engine.query(QUERIES, QueryArgs(top_k=3, candidates=5, batch_size=1))
+    large = engine.query(QUERIES, QueryArgs(top_k=3, candidates=5, batch_size=64))
+    for a, b in zip(small, large):
+        assert [d.seq_id for d in a.documents] == [d.seq_id for d in b.documents]
+        assert [d.score for d in a.documents] == pytest.approx([d.score for d in b.documents], rel=1e-5, abs=1e-9)
