@@ -40,22 +40,6 @@ from influence.errors import InfluenceError
 
 LOG = logging.getLogger(__name__)
 
-# The whole public contract is importable from here as well as from `indexes`.
-__all__ = [
-    "SKETCH_SHARD_NAME",
-    "exact_topk",
-    "finished_shards",
-    "index_exists",
-    "iterate_shard_sketches",
-    "load_doc_table",
-    "load_index",
-    "merge_sketch_shards",
-    "search_index",
-    "sketch_shard_exists",
-    "sketch_shard_path",
-    "write_sketch_shard",
-]
-
 
 def index_exists(index_dir: Path) -> bool:
     """Whether `merge_sketch_shards` finished in `index_dir` (its metadata is written last)."""

@@ -86,8 +86,19 @@ def fit_run(ns):
         from jobs.fit import run_fit_job
 
         out = run_fit_job(ns.model, corpus, ns.out, args, num_shards=ns.num_shards, workers=ns.workers, address=ns.address)
-    print(f"factors written to {out} ({time.perf_counter() - start:.1f}s)")
+    from influence.artifacts import read_manifest
+
+    corpus_manifest = read_manifest(corpus, "corpus")
+    print(summary("factors", out, corpus_manifest["num_sequences"], corpus_manifest["num_tokens"], time.perf_counter() - start))
     return 0
+
+
+def summary(what: str, out: Path, sequences: int, tokens: int, seconds: float) -> str:
+    """The line a long stage ends with: what, where, how much, how fast, how big."""
+    size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+    seconds = max(seconds, 1e-9)
+    return (f"{what} written to {out}: {sequences} sequences, {tokens} tokens in {seconds:.1f}s "
+            f"({sequences / seconds:.1f} seq/s, {tokens / seconds:.0f} tok/s), {size / 2**20:.1f} MiB on disk")
 
 
 def add_ray_options(parser) -> None:
@@ -120,11 +131,7 @@ def index_run(ns):
 
         out = run_index_job(ns.model, ns.factors, ns.corpus, ns.out, args, address=ns.address)
     manifest = read_manifest(out, "index")
-    seconds = time.perf_counter() - start
-    size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
-    docs, tokens = manifest["num_sequences"], manifest["num_tokens"]
-    print(f"index written to {out}: {docs} sequences, {tokens} tokens in {seconds:.1f}s "
-          f"({docs / seconds:.1f} seq/s, {tokens / seconds:.0f} tok/s), {size / 2**20:.1f} MiB on disk")
+    print(summary("index", out, manifest["num_sequences"], manifest["num_tokens"], time.perf_counter() - start))
     return 0
 
 
