@@ -7,33 +7,41 @@ trained on corpus 4N, a tiny Llama (`influence.tiny`) is trained briefly on it (
 thread), and EK-FAC factors are fitted on corpus N (`fit_factors`). These artifacts are cached under
 `--work-dir`, keyed by the settings.
 
-1. Throughput, at both corpus sizes, each run in a fresh subprocess (so its peak RSS is its own):
-   - `ray`: the Ray job `jobs.index.run_index_job` with an embedded local cluster and 2 workers;
-   - `in-process`: `indexes.build.build_index` with 2 torch threads;
+1. Throughput. Each run is a fresh subprocess (so its peak RSS is its own), interleaved:
+   - `ray job`: `jobs.index.run_index_job`, embedded local cluster, 2 workers (IndexArgs defaults);
+   - `ray job, 128-row blocks (patched)`: the same job with the input handed to Ray Data in 128-row blocks
+     instead of one block per shard (the proposed fix for idle workers; `ray.data.from_arrow` is wrapped
+     in the subprocess, no library file is changed);
+   - `in-process build_index` (corpus N only): `indexes.build.build_index` with 2 torch threads;
    - `bare x1`: a plain loop (forward, summed next-token loss, `backward()`) over the same sequences in
-     the same batches of `batch_size`, one process with 2 torch threads; `bare x2`: two processes with one
-     thread each, each looping over half of the corpus (the Ray workers' layout).
-   End-to-end rates include everything (Ray start-up, actor and model loading, the FAISS merge);
-   steady-state rates count, per worker, the rows after its first call (a call = one Ray batch of
+     the same batches, one process with 2 torch threads, stopped after `bare_max_seconds` (2 threads on a
+     busy 2-core machine crawl); `bare x2`: two processes with one thread each over the two halves of the
+     corpus (the Ray workers' layout).
+   End-to-end rates include everything (Ray start-up, actor and model loading, the FAISS merge).
+   Steady-state rates count, per worker, the rows after its first call (a call = one Ray batch of
    4 x batch_size rows) over the time from the end of that first call to the end of its last one, summed
-   over workers. Worker calls are timed by a subclass of `SketchBatches` (no library code is changed),
-   which also times `Sketcher.sketch_io` inside each call.
-2. Bytes per document on disk (index.faiss, docs.parquet, sketch shards) for the default sketch size,
+   over workers. Worker calls are timed by a subclass of `SketchBatches` that also times
+   `Sketcher.sketch_io` and the call's CPU time: CPU time per sequence is the comparison that background
+   load on a shared machine distorts least, so ratios are given in both wall and CPU time.
+2. Bytes per document on disk (index.faiss, docs.parquet, sketch shards) for the default sketch and size,
    for "Flat" and an IVF-PQ factory (the same shards merged again with `merge_sketch_shards`).
-3. Peak RSS of the driver (getrusage in the subprocess) and of the Ray workers (psutil, polled in a
-   background thread over the driver's descendants) at both sizes.
-4. Sketch fidelity on corpus N: for each sketch size k, Pearson and Spearman (per query, averaged)
-   between sketch inner products and exact EK-FAC scores (`compute_scores`), and recall of the exact
-   top-10 within the sketch top-{10, 50, 100}. Document sketches come from `Sketcher.sketch_io` (the
-   function the index workers call) and are stored and searched through a Flat index built with
-   `write_sketch_shard` + `merge_sketch_shards`; query sketches from `Sketcher.sketch_gradients` on
-   `Scorer.query_gradients`. The alternative compared: a dense Gaussian projection of the flattened
-   whitened gradient to the same total dimension.
-5. Profile of one worker's call (one thread), stage by stage, and the same call with proposed patches
-   (timed copies inside this script), checked to give the same sketches.
+3. Peak RSS of the driver (VmHWM of the subprocess; getrusage's ru_maxrss is inherited across fork+exec)
+   and of the Ray workers (psutil, polled in a background thread over the driver's descendants), at
+   both sizes, with the phase in which the driver peaks.
+4. Sketch fidelity on corpus N: for each k, Pearson and Spearman (per query, averaged, with standard
+   errors) between sketch inner products and exact EK-FAC scores (`compute_scores`), and recall of the
+   exact top-10 within the sketch top-{10, 50, 100}, for the library's sketches ("eigen", "kronecker")
+   and two projections computed here at the same per-module sizes: a dense Gaussian projection of the
+   flattened whitened gradient and a per-module subsampled randomised Hadamard transform (SRHT).
+   Library sketches come from `Sketcher.sketch_io` (what the index workers call), stored and searched
+   through a Flat index (`write_sketch_shard` + `merge_sketch_shards` + `search_index`), and checked
+   against the sketches the in-process build stored; query sketches from `Sketcher.sketch_gradients` on
+   `Scorer.query_gradients`.
+5. Profile of one worker's calls (one thread, CPU time per stage) for the current `sketch_io` and for
+   proposed patches (timed copies inside this script, checked to give the same sketches).
 
-    python benchmarks/index_build.py            # default: < 15 min on 2 CPU cores
-    python benchmarks/index_build.py --quick    # tiny sizes: about a minute
+    python benchmarks/index_build.py            # default: 8-12 min on a busy 2-core machine
+    python benchmarks/index_build.py --quick    # tiny sizes: 2-4 min, mostly Ray and interpreter start-up
 
 Writes `benchmarks/results/index_build.json` (`index_build_quick.json` with --quick; or `--out`) and
 prints markdown tables.
@@ -71,7 +79,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from indexes.build import SketchBatches, build_index  # noqa: E402
+from indexes.build import SketchBatches  # noqa: E402
 from indexes.search import search_index  # noqa: E402
 from indexes.shards import write_sketch_shard  # noqa: E402
 from indexes.store import load_index, merge_sketch_shards  # noqa: E402
@@ -80,9 +88,9 @@ from influence.artifacts import write_json, write_parquet  # noqa: E402
 from influence.chatterbot import chatterbot_documents  # noqa: E402
 from influence.corpus import load_sequences, prepare_corpus  # noqa: E402
 from influence.errors import InfluenceError  # noqa: E402
-from influence.factors import fit_factors, load_factors, shard_rows  # noqa: E402
+from influence.factors import fit_factors, shard_rows  # noqa: E402
 from influence.gradients import capture_module_io, make_token_batch, rotated_gradients, sequence_gradients, summed_token_loss  # noqa: E402
-from influence.models import find_tracked_modules, load_model  # noqa: E402
+from influence.models import find_tracked_modules, load_model, load_tokenizer  # noqa: E402
 from influence.preconditioner import whiten  # noqa: E402
 from influence.query import Query, tokenize_query  # noqa: E402
 from influence.scores import Scorer, compute_scores  # noqa: E402
@@ -213,7 +221,7 @@ def prepare_setup(settings: Settings, cache_dir: Path) -> Setup:
                                             CorpusArgs(max_length=settings.context), progress=False)
     factors_dir = fit_factors(model_dir, corpus_dirs["N"], cache_dir / "factors",
                               FactorArgs(progress=False, batch_size=settings.batch_size))  # one thread: see main()
-    tokenizer = load_tokenizer_cached(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     texts, doc_ids = documents["text"].to_pylist(), documents["doc_id"].to_pylist()
     queries = []
     for row in held_out.tolist():
@@ -231,12 +239,6 @@ def prepare_setup(settings: Settings, cache_dir: Path) -> Setup:
     training = model_dir / "training.json"
     trained = json.loads(training.read_text()) if training.exists() else {"trained": False}
     return Setup(cache_dir, model_dir, factors_dir, corpus_dirs, queries, trained)
-
-
-def load_tokenizer_cached(model_dir: Path):
-    from influence.models import load_tokenizer
-
-    return load_tokenizer(model_dir)
 
 
 # --------------------------------------------------------------------------- timed worker (runs inside Ray actors too)
@@ -342,6 +344,7 @@ class PeakRSS:
         import psutil
 
         self.psutil, self.interval, self.peaks, self.names, self.cpu = psutil, interval, {}, {}, {}
+        self.self_peak = (0, 0.0)  # (RSS of this process, when)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -356,6 +359,9 @@ class PeakRSS:
     def _run(self) -> None:
         me = self.psutil.Process()
         while not self._stop.is_set():
+            rss = me.memory_info().rss
+            if rss > self.self_peak[0]:
+                self.self_peak = (rss, time.time())
             try:
                 children = me.children(recursive=True)
             except self.psutil.Error:
@@ -468,7 +474,12 @@ def child_ray(spec: dict) -> dict:
     first_call = min(c["start"] for cs in calls.values() for c in cs)
     last_call = max(c["end"] for cs in calls.values() for c in cs)
     summary = monitor.summary()
+    peak_rss, peak_time = monitor.self_peak
+    phase_marks = [("before the cluster", start), ("cluster start", marks["cluster_start"]), ("waiting for the first batch", marks["cluster_ready"]),
+                   ("sketching (iter_batches, shard writes)", first_call), ("shutdown", marks["cluster_shutdown"]),
+                   ("merge", marks["merge_start"]), ("after the merge", marks["merge_end"])]
     return {
+        "driver_rss_peak_phase": {"rss_mb": _mb(peak_rss), "phase": [name for name, t in phase_marks if t <= peak_time][-1]},
         "seconds": end - start,
         "phases": {
             "before_cluster": marks["cluster_start"] - start,
@@ -958,7 +969,7 @@ class _stage:
         self.timer[self.name] = self.timer.get(self.name, 0.0) + time.process_time() - self.start
 
 
-PROFILE_VARIANTS = ("current", "current, kronecker sketch", "patched", "patched + length-sorted calls")
+PROFILE_VARIANTS = ("current", "current, the other sketch", "patched", "patched + length-sorted calls")
 
 
 def profile_worker(setup: Setup, settings: Settings) -> dict:
@@ -969,7 +980,8 @@ def profile_worker(setup: Setup, settings: Settings) -> dict:
         worker = SketchBatches(str(setup.model_dir), str(setup.factors_dir),
                                IndexArgs(sketch_size=settings.sketch_size, batch_size=settings.batch_size, progress=False))
         sketcher, model, modules = worker.sketcher, worker.model, worker.modules
-        kronecker = Sketcher(sketcher.factors, modules, settings.sketch_size, seed=0, method="kronecker")
+        other = Sketcher(sketcher.factors, modules, settings.sketch_size, seed=0,
+                         method=next(m for m in settings.sketch_methods if m != sketcher.method))
         inverse_sqrt = {name: (f.eigenvalues + f.damping).rsqrt() for name, f in sketcher.factors.modules.items()}
         sequences, _ = load_sequences(setup.corpus_dirs["N"])
         ids = sequences["input_ids"].slice(0, settings.profile_rows).to_pylist()
@@ -990,8 +1002,8 @@ def profile_worker(setup: Setup, settings: Settings) -> dict:
                     io, _ = capture_module_io(model, modules, batch)
                 if variant == "current":
                     outputs.append(sketch_io_staged(sketcher, io, timer))
-                elif variant == "current, kronecker sketch":
-                    outputs.append(sketch_io_staged(kronecker, io, timer))
+                elif variant == "current, the other sketch":
+                    outputs.append(sketch_io_staged(other, io, timer))
                 else:
                     outputs.append(sketch_io_patched(sketcher, io, inverse_sqrt, timer))
             return {"timer": timer, "outputs": outputs}
@@ -1034,7 +1046,7 @@ def profile_worker(setup: Setup, settings: Settings) -> dict:
             padded_tokens = sum(len(chunk) * max(chunk) for start in range(0, len(lengths), call)
                                 for chunk in _chunks(sorted(lengths[start: start + call]), settings.batch_size))
             by_call[f"sorted_within_{call}_rows"] = sum(lengths) / padded_tokens
-        result = {"rows": len(ids), "threads": 1, "sketch": sketcher.method, "timer": "CPU seconds (time.process_time), minimum of 3 interleaved repeats",
+        result = {"rows": len(ids), "threads": 1, "sketch": sketcher.method, "other_sketch": other.method, "timer": "CPU seconds (time.process_time), minimum of 3 interleaved repeats",
                   "bare_seconds": bare_seconds, "checks": check,
                   "padding_efficiency": {"as_is": real / padded[False], "length_sorted_within_call": real / padded[True],
                                          "corpus_N_as_is": sum(lengths) / sum(len(c) * max(c) for c in _chunks(lengths, settings.batch_size)),
@@ -1161,6 +1173,13 @@ def markdown(result: dict) -> str:
                 n = scaling.get("sequences_for_ratio_0.7")
                 lines.append(f"{label}: Ray job vs bare x2: asymptotic ratio {_fmt(scaling['ray_asymptotic_ratio_to_bare_x2'])}; "
                              f"the end-to-end ratio reaches 0.7 from {'never' if n is None else f'{n:,.0f}'} sequences")
+    if "throughput" in result:
+        lines += ["", "### Peak RSS (MB) of the Ray job at both corpus sizes", "",
+                  "| corpus | sequences | driver | driver peaks during | worker (max over actors) | index.faiss |", "|---|---|---|---|---|---|"]
+        for label, entry in result["throughput"].items():
+            run = entry["runs"][RAY_RUN]
+            lines.append(f"| {label} | {entry['corpus']['sequences']} | {run['driver_peak_rss_mb']:.0f} | {run['driver_rss_peak_phase']['phase']} | "
+                         f"{_fmt(run.get('worker_peak_rss_mb'), '.0f')} | {result['memory']['index_faiss_mb'][label]:.1f} |")
     if "bytes" in result:
         b = result["bytes"]
         lines += ["", f"### Bytes per sequence on disk ({b['sketch']} sketch, k={b['sketch_size']}, dim {b['dim']}, {b['sequences']} sequences)", "",
@@ -1174,7 +1193,7 @@ def markdown(result: dict) -> str:
                              "of centroids and codebooks) | | | | |")
     if "profile" in result:
         p = result["profile"]
-        lines += ["", f"### One worker's calls ({p['sketch']} sketch unless named), 1 thread, {p['rows']} sequences, CPU seconds "
+        lines += ["", f"### One worker's calls ({p['sketch']} sketch; the other: {p['other_sketch']}), 1 thread, {p['rows']} sequences, CPU seconds "
                   f"(bare forward+backward {p['bare_seconds']:.2f}s)", "",
                   "| variant | forward+backward s | sketching s | ratio to bare | top stages |", "|---|---|---|---|---|"]
         for name in PROFILE_VARIANTS:
