@@ -38,3 +38,15 @@ def dense_ekfac_inverse(q_a: torch.Tensor, q_s: torch.Tensor, eigenvalues: torch
     basis = torch.kron(q_s, q_a)  # column (o', i') = outer(q_s[:, o'], q_a[:, i']) flattened row-major
     matrix = basis @ torch.diag(eigenvalues.reshape(-1)) @ basis.T
     return torch.linalg.inv(matrix + damping * torch.eye(matrix.shape[0], dtype=matrix.dtype))
+
+
+def assert_same_factors(left, right) -> None:
+    """Two fits agree: equal eigenvalues, and equal preconditioned random vectors (bases may differ in sign)."""
+    from influence.preconditioner import precondition
+
+    torch.manual_seed(0)
+    for name, f in left.modules.items():
+        g = right.modules[name]
+        torch.testing.assert_close(g.eigenvalues, f.eigenvalues, rtol=1e-7, atol=1e-12)
+        vector = torch.randn(f.eigenvalues.shape, dtype=torch.float64)
+        torch.testing.assert_close(precondition(vector, g), precondition(vector, f), rtol=1e-6, atol=1e-9)

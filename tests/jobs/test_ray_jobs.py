@@ -12,20 +12,11 @@ import torch
 from indexes.build import build_index
 from influence.arguments import FactorArgs, IndexArgs
 from influence.factors import fit_factors, load_factors
-from influence.preconditioner import precondition
 from jobs.fit import run_fit_job
 from jobs.index import run_index_job
+from tests.oracles import assert_same_factors
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def assert_same_factors(left, right):
-    torch.manual_seed(0)
-    for name, f in left.modules.items():
-        g = right.modules[name]
-        torch.testing.assert_close(g.eigenvalues, f.eigenvalues, rtol=1e-7, atol=1e-12)
-        vector = torch.randn(f.eigenvalues.shape, dtype=torch.float64)
-        torch.testing.assert_close(precondition(vector, g), precondition(vector, f), rtol=1e-6, atol=1e-9)
 
 
 def test_fit_job_equals_single_process_fit(ray_local, llama_dir, corpus_dir, tmp_path):

@@ -20,7 +20,8 @@ import pytest
 
 from influence.arguments import FactorArgs
 from influence.factors import fit_factors, load_factors
-from tests.jobs.test_ray_jobs import _wait_for, assert_same_factors
+from tests.jobs.test_ray_jobs import _wait_for
+from tests.oracles import assert_same_factors
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
