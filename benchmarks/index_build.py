@@ -131,7 +131,7 @@ class Settings:
     seed: int = 0
     batch_size: int = 8              # sequences per forward/backward pass, everywhere
     workers: int = 2
-    sketch_size: int = 16            # the IndexArgs default
+    sketch_size: int = 16            # results/index_build.json: k = 16 with the Kronecker sketch, the defaults then (now SRHT, k = 32)
     sketch_sizes: tuple = (4, 8, 16, 32, 64)
     sketch_methods: tuple = ("eigen", "kronecker")  # the Sketcher's methods compared (IndexArgs.sketch)
     dense_max_k: int = 32            # the dense Gaussian baseline is skipped above this k (its matrix grows as k^2 D)

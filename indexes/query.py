@@ -1,9 +1,11 @@
 """The query engine: one backward pass, a candidate search, an exact EK-FAC re-rank with breakdowns.
 
 `QueryEngine` loads the model, factors, index, doc table and sequences once; every call to `query`
-shares them. Candidates come from the FAISS index over sketches (default: the top candidates for q and
-for -q, so both signs are found), from BM25 over the sequences' text (the paper's TF-IDF baseline), or
-from a full scan. Every candidate is then scored exactly, with per-module and per-token decompositions.
+shares them. Candidates come from the FAISS index over sketches (default: the highest and the lowest inner
+products with q, so both signs are found), from BM25 over the sequences' text (the paper's TF-IDF
+baseline), or from a full scan. Candidates are then scored exactly, with per-module and per-token
+decompositions; index candidates best-first, stopping a sign once the sketch noise rules out the rest
+(`QueryArgs.adaptive`), since the forward and backward pass of each candidate is most of a query's time.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from indexes.search import search_index
+from indexes.search import search_both_signs
 from indexes.store import load_doc_table, load_index
 from influence.arguments import QueryArgs, ScoreArgs
 from influence.artifacts import read_manifest, require_same
@@ -56,6 +59,7 @@ class QueryEngine:
         self.index = load_index(self.index_dir)
         self.docs = load_doc_table(self.index_dir)
         self.seq_ids = self.docs["seq_id"].to_numpy()
+        self.document_norms = np.sqrt(np.maximum(self.docs["self_influence"].to_numpy(), 0.0))  # ||W(z)||, by FAISS id
         if self.index.ntotal != len(self.seq_ids) or self.index.d != self.sketcher.dim:
             raise InfluenceError(f"{self.index_dir}: the index holds {self.index.ntotal} vectors of dim {self.index.d} but the doc "
                                  f"table has {len(self.seq_ids)} rows and the sketch dim is {self.sketcher.dim}; rebuild the index")
@@ -82,52 +86,109 @@ class QueryEngine:
         tick = time.perf_counter()
         tokenized = self.scorer.tokenize(queries)
         gradients = self.scorer.query_gradients(tokenized)
-        self.scorer.prepare(queries, gradients)
+        if args.rerank:
+            self.scorer.prepare(queries, gradients)
         seconds["gradient"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        candidates, sketch_scores = self._candidates(queries, gradients, args)
+        pools = self._candidates(queries, gradients, args)
         seconds["search"] = time.perf_counter() - tick
 
+        if not args.rerank:
+            return [self._sketch_result(query, qi, pools[qi], tokenized[qi], args, seconds) for qi, query in enumerate(queries)]
+
         tick = time.perf_counter()
-        union = np.unique(np.concatenate([np.concatenate(c) for c in candidates]))
-        scores, per_module, per_token = self._score(union, args.per_token, args.batch_size)
+        scored = self._rerank(pools, args)
         seconds["rerank"] = time.perf_counter() - tick
         seconds["total"] = sum(seconds.values())
 
-        position = {int(s): i for i, s in enumerate(union)}
+        union = np.fromiter(scored.order, np.int64, len(scored.order))
         results = []
         for qi, query in enumerate(queries):
+            sketch_scores = {int(s): float(v) for pool in pools[qi] if pool.sketch_scores is not None
+                             for s, v in zip(pool.seq_ids, pool.sketch_scores)}
             documents = []
-            for sign, pool in zip("+-", candidates[qi]):
-                columns = np.array([position[int(s)] for s in pool])
-                order = np.argsort(-scores[qi, columns] if sign == "+" else scores[qi, columns], kind="stable")
-                for rank, col in enumerate(columns[order][: args.top_k], start=1):
-                    documents.append(self._document(query, qi, sign, rank, int(union[col]), scores[qi, col], per_module[:, qi, col],
-                                                    None if per_token is None else per_token[col][qi], sketch_scores[qi].get(int(union[col]))))
+            for sign in "+-":
+                # every re-ranked sequence has an exact score: rank them all, whichever pool brought them in
+                order = np.argsort(-scored.scores[qi] if sign == "+" else scored.scores[qi], kind="stable")
+                for rank, col in enumerate(order[: args.top_k], start=1):
+                    seq_id = int(union[col])
+                    documents.append(self._document(query, qi, sign, rank, seq_id, scored.scores[qi, col], scored.per_module[:, qi, col],
+                                                    None if scored.per_token is None else scored.per_token[col][qi], sketch_scores.get(seq_id)))
             completion = token_texts(self.scorer.tokenizer, tokenized[qi].completion_ids)
             results.append(QueryResult(query, completion, documents, args.generator, len(union), dict(seconds)))
         return results
 
-    def _candidates(self, queries, gradients, args) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[dict[int, float]]]:
-        """Per query: (positive candidates, negative candidates) as seq ids, and sketch scores where known."""
+    def _sketch_result(self, query: Query, qi: int, pools, tokenized, args: QueryArgs, seconds: dict) -> QueryResult:
+        """The top sketch scores of each sign as they come from the index: estimates, no exact scores or breakdowns."""
+        seconds = {**seconds, "rerank": 0.0, "total": sum(seconds.values())}
+        documents = []
+        for sign, pool in zip("+-", pools):
+            for rank, (seq_id, score) in enumerate(zip(pool.seq_ids[: args.top_k], pool.sketch_scores[: args.top_k]), start=1):
+                documents.append(self._document(query, qi, sign, rank, int(seq_id), float(score), [], None, float(score)))
+        completion = token_texts(self.scorer.tokenizer, tokenized.completion_ids)
+        return QueryResult(query, completion, documents, args.generator, 0, seconds, exact=False)
+
+    def _candidates(self, queries, gradients, args) -> list[tuple["CandidatePool", "CandidatePool"]]:
+        """Per query: (positive, negative) candidate pools, best first, with sketch scores and noise where known."""
         n = len(self.seq_ids)
-        depth = min(args.candidates, n)
+        depth = min(args.candidates if args.rerank else args.top_k, n)
         if args.generator == "exact":
-            return [(self.seq_ids, self.seq_ids)] * len(queries), [{} for _ in queries]
+            return [(CandidatePool(self.seq_ids),) * 2 for _ in queries]
         if args.generator == "bm25":
-            return [(ids, ids) for ids in self._bm25_candidates(queries, depth)], [{} for _ in queries]
+            return [(CandidatePool(ids),) * 2 for ids in self._bm25_candidates(queries, depth)]
         sketches = self.sketcher.sketch_gradients(gradients).numpy()  # (queries, dim)
-        top_scores, top_ids = search_index(self.index, np.concatenate([sketches, -sketches]), depth, nprobe=args.nprobe)
-        q = len(queries)
-        result, sketch_scores = [], []
-        for qi in range(q):
-            pos, neg = top_ids[qi][top_ids[qi] >= 0], top_ids[q + qi][top_ids[q + qi] >= 0]
-            result.append((self.seq_ids[pos], self.seq_ids[neg]))
-            known = {int(self.seq_ids[i]): float(s) for i, s in zip(pos, top_scores[qi][: len(pos)])}
-            known.update({int(self.seq_ids[i]): -float(s) for i, s in zip(neg, top_scores[q + qi][: len(neg)])})
-            sketch_scores.append(known)
-        return result, sketch_scores
+        (top_scores, top_ids), (low_scores, low_ids) = search_both_signs(self.index, sketches, depth, nprobe=args.nprobe)
+        # the sketch noise only bounds random sketches; 'eigen' drops coordinates (a bias, not noise)
+        adaptive = args.rerank and args.adaptive and self.sketcher.method != "eigen"
+        query_norms = self.sketcher.whitened_norms(gradients) if adaptive else None
+        pools = []
+        for qi in range(len(queries)):
+            pair = []
+            for ids, scores in ((top_ids[qi], top_scores[qi]), (low_ids[qi], low_scores[qi])):
+                found = ids >= 0
+                ids, scores = ids[found], scores[found].astype(np.float64)
+                noise = self.sketcher.noise_scale(query_norms[qi], self.document_norms[ids]) if adaptive else None
+                pair.append(CandidatePool(self.seq_ids[ids], scores, noise))
+            pools.append(tuple(pair))
+        return pools
+
+    def _rerank(self, pools: list[tuple["CandidatePool", "CandidatePool"]], args: QueryArgs) -> "ExactScores":
+        """Exact scores of the candidates, in rounds of the best unscored candidates of every open (query, sign),
+        each round twice as deep as the one before.
+
+        A (query, sign) closes when its pool is exhausted or, for adaptive pools, when even the most
+        hopeful remaining candidate (sketch score + stop_margin x noise, in that sign's direction) falls
+        below its k-th best exact score so far; every exactly scored sequence counts, whichever pool
+        brought it in.
+        """
+        scored = ExactScores(len(pools), len(self.scorer.modules), args.per_token)
+        cursors = {(qi, sign): 0 for qi in range(len(pools)) for sign in (0, 1)}
+        step = max(args.top_k, args.batch_size)
+        while cursors:
+            wanted = []
+            for (qi, sign), cursor in cursors.items():
+                pool = pools[qi][sign]
+                end = len(pool.seq_ids) if pool.noise is None else cursor + step
+                wanted.append(pool.seq_ids[cursor:end])
+                cursors[(qi, sign)] = min(end, len(pool.seq_ids))
+            new = [s for s in dict.fromkeys(int(s) for s in np.concatenate(wanted)) if s not in scored.column]
+            if new:
+                scored.add(np.asarray(new, np.int64), *self._score(np.asarray(new, np.int64), args.per_token, args.batch_size))
+            step *= 2  # few rounds: each costs a partly filled batch per (query, sign)
+            for (qi, sign), cursor in list(cursors.items()):
+                pool = pools[qi][sign]
+                if cursor >= len(pool.seq_ids) or pool.noise is None:
+                    del cursors[(qi, sign)]
+                    continue
+                direction = 1.0 if sign == 0 else -1.0
+                exact = np.sort(direction * scored.scores[qi])
+                if len(exact) < args.top_k:
+                    continue
+                hopeful = direction * pool.sketch_scores[cursor:] + args.stop_margin * pool.noise[cursor:]
+                if hopeful.max() < exact[-args.top_k]:
+                    del cursors[(qi, sign)]
+        return scored
 
     def _bm25_candidates(self, queries: list[Query], depth: int) -> list[np.ndarray]:
         import bm25s
@@ -167,3 +228,33 @@ class QueryEngine:
             text=row["text"], tokens=token_texts(self.scorer.tokenizer, row["input_ids"]) if token_scores is not None else [],
             token_scores=[] if token_scores is None else [float(v) for v in token_scores], sketch_score=sketch_score,
         )
+
+
+@dataclass
+class CandidatePool:
+    """One query's candidates for one sign, best first: sequence ids, and for index pools the sketch scores
+    (inner products with q) and their noise scale, which allow the adaptive re-rank to stop early."""
+
+    seq_ids: np.ndarray
+    sketch_scores: Optional[np.ndarray] = None
+    noise: Optional[np.ndarray] = None
+
+
+class ExactScores:
+    """Exact scores of the sequences re-ranked so far, one column per sequence in the order scored."""
+
+    def __init__(self, num_queries: int, num_modules: int, per_token: bool):
+        self.order: list[int] = []
+        self.column: dict[int, int] = {}
+        self.scores = np.zeros((num_queries, 0))
+        self.per_module = np.zeros((num_modules, num_queries, 0))
+        self.per_token: Optional[list] = [] if per_token else None
+
+    def add(self, seq_ids: np.ndarray, scores: np.ndarray, per_module: np.ndarray, per_token: Optional[list]) -> None:
+        for s in seq_ids:
+            self.column[int(s)] = len(self.order)
+            self.order.append(int(s))
+        self.scores = np.concatenate([self.scores, scores], axis=1)
+        self.per_module = np.concatenate([self.per_module, per_module], axis=2)
+        if self.per_token is not None:
+            self.per_token.extend(per_token)

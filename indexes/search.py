@@ -11,6 +11,7 @@ from typing import Iterable
 
 import faiss
 import numpy as np
+import torch
 
 from influence.errors import InfluenceError
 
@@ -50,6 +51,47 @@ def search_index(
     _set_search_parameters(index, nprobe, ef_search)
     scores, ids = index.search(queries, k)  # (q, k), (q, k)
     return scores, ids
+
+
+def search_both_signs(
+    index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None = None
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The k highest and the k lowest inner products of each query: the candidates of both signs.
+
+    A flat inner-product index is read once for both (one matrix-vector pass over the stored rows and a
+    partial sort at each end): the scan is bound by memory bandwidth, and FAISS would read the rows once
+    for q and again for -q. Other indexes are searched for q and for -q.
+
+    Returns:
+        ((scores, ids) highest first, (scores, ids) lowest first): float32 (q, k) and int64 (q, k);
+        the scores are the inner products with q (the lowest are negative), ids as in `search_index`.
+    """
+    queries = _as_queries(queries, index.d)
+    flat = faiss.downcast_index(index) if isinstance(index, faiss.Index) else index
+    if not (isinstance(flat, faiss.IndexFlat) and flat.metric_type == faiss.METRIC_INNER_PRODUCT):
+        scores, ids = search_index(index, np.concatenate([queries, -queries]), k, nprobe=nprobe)
+        q = len(queries)
+        return (scores[:q], ids[:q]), (-scores[q:], ids[q:])
+    if k < 1:
+        raise InfluenceError(f"k must be at least 1, got {k}; ask for the number of documents to return")
+    k = min(k, flat.ntotal)
+    rows = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)  # a view, no copy
+    # torch's GEMV honours torch.set_num_threads like the rest of a query
+    scores = (torch.from_numpy(queries) @ torch.from_numpy(rows).T).numpy()  # (q, n) float32
+    highest = _ordered_topk(scores, k)
+    lowest = _ordered_topk(-scores, k)
+    return ((np.take_along_axis(scores, highest, 1), highest.astype(np.int64)),
+            (np.take_along_axis(scores, lowest, 1), lowest.astype(np.int64)))
+
+
+def _ordered_topk(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the k largest scores per row, largest first (ties by index)."""
+    if k < scores.shape[1]:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    order = np.lexsort((part, -np.take_along_axis(scores, part, 1)), axis=-1)
+    return np.take_along_axis(part, order, 1)
 
 
 def exact_topk(queries: np.ndarray, database_blocks: Iterable[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:

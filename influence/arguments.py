@@ -11,7 +11,7 @@ import torch
 from influence.constants import STRATEGIES
 from influence.errors import InfluenceError
 
-SKETCHES = ("eigen", "kronecker")
+SKETCHES = ("srht", "kronecker", "eigen")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -152,10 +152,12 @@ class IndexArgs(StageArgs):
 
     RUNTIME_ONLY = ("batch_size", "device", "progress", "workers")
 
-    sketch: str = _help("'kronecker': a seeded Gaussian R_out W R_in^T per module; 'eigen': the k x k EK-FAC eigen-coordinates "
-                        "of largest Lambda/(Lambda+damping) (benchmarks/query_latency.py compares them)", "kronecker")
-    sketch_size: int = _help("k: each module's whitened gradient is sketched to k x k numbers", 16)
-    seed: int = _help("seed of the projections (derived per module; 'kronecker' only)", 0)
+    sketch: str = _help("'srht': a subsampled randomised Hadamard transform per module; 'kronecker': a seeded Gaussian "
+                        "R_out W R_in^T per module; 'eigen': the k x k EK-FAC eigen-coordinates of largest Lambda/(Lambda+damping) "
+                        "(benchmarks/query_latency.py compares them)", "srht")
+    sketch_size: int = _help("k: each module's whitened gradient is sketched to k x k numbers (4 k^2 bytes per module "
+                             "and document in a Flat index)", 32)
+    seed: int = _help("seed of the random projections (derived per module; 'srht' and 'kronecker')", 0)
     factory: str = _help("FAISS index_factory string: Flat (exact), IVF256,Flat, HNSW32, IVF256,PQ32 ...", "Flat")
     train_size: int = _help("rows sampled to train IVF/PQ indexes", 50_000)
     shard_size: int = _help("sequences per resumable shard", 1024)
@@ -181,8 +183,13 @@ class QueryArgs(StageArgs):
     RUNTIME_ONLY = ("batch_size", "device", "progress")
 
     top_k: int = _help("documents returned per sign (most positive and most negative)", 10)
-    candidates: int = _help("candidates re-ranked exactly per sign", 100)
+    candidates: int = _help("most candidates re-ranked exactly per sign", 200)
     generator: str = _help("candidate generator: 'index' (FAISS over sketches), 'bm25' (text), 'exact' (full scan)", "index")
+    rerank: bool = _help("score the candidates exactly (EK-FAC) with per-layer and per-token breakdowns; off: return the top "
+                         "sketch scores (index generator only), an estimate without breakdowns, in the time of a search", True)
+    adaptive: bool = _help("re-rank index candidates best-first and stop a sign once none left can plausibly enter its top k "
+                           "(sketch score + stop_margin x sketch noise < the k-th exact score); off: re-rank every candidate", True)
+    stop_margin: float = _help("standard deviations of sketch noise allowed for in the adaptive stop; larger is safer and slower", 2.0)
     nprobe: Optional[int] = _help("IVF lists visited per search (IVF indexes only)", None)
     per_token: bool = _help("compute per-token influence inside the returned documents", True)
     dtype: str = _help("dtype of the model while querying", "float32")
@@ -197,5 +204,11 @@ class QueryArgs(StageArgs):
         for name in ("top_k", "candidates", "batch_size"):
             if getattr(self, name) < 1:
                 raise InfluenceError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.rerank and self.generator != "index":
+            raise InfluenceError(f"without the re-rank documents are ranked by sketch scores, which the {self.generator!r} generator "
+                                 "does not give; use --generator index or keep the re-rank")
+        if not self.stop_margin >= 0:
+            raise InfluenceError(f"stop_margin must be a non-negative number of standard deviations, got {self.stop_margin}; "
+                                 "pass 0 or more (default 2; larger re-ranks more candidates)")
         if self.candidates < self.top_k:
             raise InfluenceError(f"candidates ({self.candidates}) must be at least top_k ({self.top_k})")

@@ -70,8 +70,9 @@ class QueryResult:
     completion_tokens: list[str]
     documents: list[DocumentInfluence]
     generator: str
-    num_candidates: int
+    num_candidates: int                # sequences scored exactly (0 when ranked by sketch scores only)
     seconds: dict[str, float]
+    exact: bool = True                 # False: scores are sketch estimates, without breakdowns
 
     @property
     def positive(self) -> list[DocumentInfluence]:
@@ -83,4 +84,4 @@ class QueryResult:
 
     def to_dict(self) -> dict:
         return {"query": asdict(self.query), "completion_tokens": self.completion_tokens, "generator": self.generator,
-                "num_candidates": self.num_candidates, "seconds": self.seconds, "documents": [d.to_dict() for d in self.documents]}
+                "num_candidates": self.num_candidates, "seconds": self.seconds, "exact": self.exact, "documents": [d.to_dict() for d in self.documents]}

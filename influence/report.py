@@ -39,7 +39,9 @@ def render_terminal(results: Sequence[QueryResult], width: int = 90) -> str:
         q = result.query
         lines.append(f"\n== {q.query_id} [{q.lang}] ==  prompt: {q.prompt!r}")
         lines.append(f"   completion: {q.completion!r}")
-        lines.append(f"   {result.num_candidates} candidates from '{result.generator}', "
+        how = (f"{result.num_candidates} candidates from '{result.generator}', re-ranked exactly" if result.exact
+               else f"top sketch scores from '{result.generator}' (estimates, not re-ranked)")
+        lines.append(f"   {how}, "
                      + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.seconds.items()))
         for label, docs in (("most positive (support the completion)", result.positive), ("most negative", result.negative)):
             lines.append(f"   -- {label}")
@@ -98,6 +100,12 @@ def _document_html(d: DocumentInfluence) -> str:
             f'<div class="row"><pre class="tokens">{body}</pre>{_layer_chart(d.layer_scores)}</div></div>')
 
 
+def _how(r: QueryResult) -> str:
+    if r.exact:
+        return f"{r.num_candidates} candidates from <code>{html.escape(r.generator)}</code>, re-ranked exactly with EK-FAC"
+    return f"ranked by sketch scores from <code>{html.escape(r.generator)}</code>: estimates of the EK-FAC score, not re-ranked"
+
+
 def render_html(results: Sequence[QueryResult], title: str = "Influence report") -> str:
     sections = []
     for r in results:
@@ -106,7 +114,7 @@ def render_html(results: Sequence[QueryResult], title: str = "Influence report")
         sections.append(
             f'<section><h2>{html.escape(q.query_id)} <small>[{html.escape(q.lang)}]</small></h2>'
             f'<div class="query"><span class="prompt">{html.escape(q.prompt)}</span><span class="completion">{html.escape(q.completion)}</span></div>'
-            f'<p class="note">{r.num_candidates} candidates from <code>{html.escape(r.generator)}</code>, re-ranked exactly with EK-FAC · {timing}</p>'
+            f'<p class="note">{_how(r)} · {timing}</p>'
             f'<h3>Most positive: upweighting these raises p(completion | prompt)</h3>{"".join(map(_document_html, r.positive))}'
             f'<h3>Most negative</h3>{"".join(map(_document_html, r.negative))}</section>'
         )

@@ -106,3 +106,63 @@ def test_per_call_batch_size_gives_the_same_answer(engine):
     for a, b in zip(small, large):
         assert [d.seq_id for d in a.documents] == [d.seq_id for d in b.documents]
         assert [d.score for d in a.documents] == pytest.approx([d.score for d in b.documents], rel=1e-5, abs=1e-9)
+
+
+def test_adaptive_rerank_with_a_huge_margin_rescores_every_candidate(engine):
+    every = engine.query(QUERIES, QueryArgs(top_k=3, candidates=12, adaptive=False))
+    wide = engine.query(QUERIES, QueryArgs(top_k=3, candidates=12, batch_size=2, stop_margin=1e9))
+    for a, b in zip(every, wide):
+        assert a.num_candidates == b.num_candidates
+        assert [d.seq_id for d in a.documents] == [d.seq_id for d in b.documents]
+
+
+def test_adaptive_rerank_stops_once_no_candidate_can_enter_the_top_k(engine):
+    from indexes.query import CandidatePool
+
+    ids = engine.seq_ids[:12]
+    hopeless = np.r_[np.zeros(4), np.full(8, -1e9)]  # after the first 4, no sketch score + margin can reach the top 3
+    pools = [(CandidatePool(ids, hopeless, np.ones(12)), CandidatePool(ids[::-1], -hopeless, np.ones(12)))]
+    engine.scorer.prepare(QUERIES[:1])
+    scored = engine._rerank(pools, QueryArgs(top_k=3, candidates=12, batch_size=4))
+    assert sorted(scored.order) == sorted(ids[:4].tolist() + ids[::-1][:4].tolist())
+    # without the sketch scores (BM25 or exact pools) every candidate is scored
+    scored = engine._rerank([(CandidatePool(ids), CandidatePool(ids))], QueryArgs(top_k=3, candidates=12, batch_size=4))
+    assert sorted(scored.order) == sorted(ids.tolist())
+    np.testing.assert_allclose(scored.scores[0, [scored.column[int(s)] for s in ids[:4]]],
+                               engine.score_documents(QUERIES[:1], ids[:4])[0], rtol=1e-6)
+
+
+def test_stop_margin_must_be_non_negative():
+    with pytest.raises(InfluenceError, match="stop_margin"):
+        QueryArgs(stop_margin=-1.0)
+
+
+def test_without_rerank_the_top_sketch_scores_come_back_as_estimates(engine, index_dir, tmp_path):
+    from indexes.search import search_both_signs
+    from indexes.store import load_index
+
+    results = engine.query(QUERIES, QueryArgs(top_k=3, rerank=False))
+    gradients = engine.scorer.query_gradients(engine.scorer.tokenize(QUERIES))
+    (high, high_ids), (low, low_ids) = search_both_signs(load_index(index_dir), engine.sketcher.sketch_gradients(gradients).numpy(), 3)
+    for qi, r in enumerate(results):
+        assert not r.exact and r.num_candidates == 0
+        assert [d.seq_id for d in r.positive] == engine.seq_ids[high_ids[qi]].tolist()
+        assert [d.seq_id for d in r.negative] == engine.seq_ids[low_ids[qi]].tolist()
+        assert [d.score for d in r.positive] == pytest.approx(high[qi].tolist(), rel=1e-6)
+        assert all(d.score == d.sketch_score and not d.token_scores and not d.layer_scores for d in r.documents)
+    out = save_results(results, tmp_path / "sketch")
+    assert "not re-ranked" in (out / "report.html").read_text() and "not re-ranked" in render_terminal(results)
+    with pytest.raises(InfluenceError, match="sketch scores"):
+        QueryArgs(rerank=False, generator="bm25")
+
+
+@pytest.mark.parametrize("mode", [[], ["--no-rerank"], ["--no-adaptive", "--candidates", "8"]])
+def test_query_command(index_dir, tmp_path, capsys, mode):
+    from jobs.cli import main
+
+    out = tmp_path / "answer"
+    assert main(["query", "--index", str(index_dir), "--prompt", QUERIES[0].prompt, "--completion", QUERIES[0].completion,
+                 "--top-k", "3", "--out", str(out), *mode]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results[0]["documents"]) == 6 and results[0]["exact"] == ("--no-rerank" not in mode)
+    assert "most positive" in capsys.readouterr().out and (out / "report.html").exists()

@@ -232,6 +232,7 @@ CASES = [
     Case("queries-file-missing", lambda i: ["query", "--index", str(i.index), "--out", str(i.out), "--queries", str(i.scratch / "nope.jsonl")],
          ("nope.jsonl does not exist",), "pass a JSONL file"),
     Case("query-out-under-a-file", lambda i: query_cmd(i, out=i.blocked()), ("cannot create output directory",), "choose a writable path"),
+    Case("negative-stop-margin", lambda i: query_cmd(i, "--stop-margin", "-1"), ("stop_margin must be a non-negative number",), "pass 0 or more"),
     Case("unknown-generator", lambda i: query_cmd(i, "--generator", "magic"), ("unknown candidate generator 'magic'",), "choose index, bm25 or exact"),
     Case("candidates-below-top-k", lambda i: query_cmd(i, "--top-k", "10", "--candidates", "5"), ("candidates (5)",), "at least top_k"),
     # score stage
