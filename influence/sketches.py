@@ -23,6 +23,7 @@ with it the query engine bounds each sketch score's noise (`Sketcher.noise_scale
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -67,7 +68,9 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(n, size)
 
 
+@functools.lru_cache(maxsize=64)
 def _hadamard(size: int, dtype, device) -> torch.Tensor:
+    # cached: every query sketches with the same few sizes; callers never modify it in place
     h = torch.ones(1, 1, dtype=dtype, device=device)
     while h.shape[0] < size:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
