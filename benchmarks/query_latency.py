@@ -169,6 +169,7 @@ import hashlib  # noqa: E402
 import importlib.metadata as md  # noqa: E402
 import io  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import pstats  # noqa: E402
 import shutil  # noqa: E402
@@ -644,6 +645,25 @@ def candidate_recall(engine: QueryEngine, queries: list[Query], exact: np.ndarra
             "sketch_scores_are": "<sketch(q), sketch(z)> from the stored sketches (an unbiased estimate of the exact score)"}
 
 
+def sketch_difficulty(engine: QueryEngine, queries: list[Query], exact: np.ndarray, top_k: int) -> dict:
+    """Why some exact top documents are hard to find from sketches: their cosine with the query in the whitened
+    space (score / (||W(q)|| ||W(z)||)) against a sketch's noise per unit norm, 1/sqrt(dim); and how isotropic the
+    whitened gradients are (sum of Lambda / (Lambda + lambda) over the whitened dimension D: near 1, no subset of
+    coordinates holds most of the variance)."""
+    _, query_norms = engine.sketcher.sketch_gradients_with_norms(engine.scorer.query_gradients(engine.scorer.tokenize(queries)))
+    document_norms = np.empty(len(engine.seq_ids))
+    document_norms[engine.seq_ids] = engine.document_norms  # by seq id, the columns of `exact`
+    cosine = exact / np.multiply.outer(query_norms, document_norms)
+    factors = engine.scorer.factors.modules
+    ratio = sum(float((f.eigenvalues / (f.eigenvalues + f.damping)).sum()) for f in factors.values())
+    width = sum(f.eigenvalues.numel() for f in factors.values())
+    return {"median_cosine_of_exact_top_k": {sign: percentiles([float(np.median(cosine[i][exact_top(exact[i], top_k, sign)]))
+                                                                 for i in range(len(queries))]) for sign in "+-"},
+            "sketch_noise_per_unit_norm": 1.0 / math.sqrt(engine.sketcher.dim),
+            "sum_ratio_over_whitened_dim": ratio / width, "whitened_dim": width,
+            "note": sketch_difficulty.__doc__.replace("\n    ", " ")}
+
+
 def other_sketches(setup: Setup, settings: Settings, exact: np.ndarray) -> dict:
     """Candidate recall of indexes built with the other sketch methods (same model, factors, corpus and queries)."""
     if "sketch" not in {f.name for f in dataclasses.fields(IndexArgs)}:
@@ -913,6 +933,7 @@ def run(settings: Settings, peers: list[str], work_dir: Path, bergson_site: Path
     start = time.perf_counter()
     quality = candidate_recall(engine, setup.queries, exact, tuple(d for d in settings.recall_depths if d <= n), settings.top_k)
     quality["engine_runs"] = engine_runs
+    quality["difficulty"] = sketch_difficulty(engine, setup.queries, exact, settings.top_k)
     quality["sketch"] = read_manifest(setup.index_dir, "index")["args"].get("sketch", "kronecker")
     quality["other_sketches"] = other_sketches(setup, settings, exact)
     timings["recall_seconds"] = time.perf_counter() - start

@@ -137,11 +137,10 @@ class QueryEngine:
             return [(CandidatePool(self.seq_ids),) * 2 for _ in queries]
         if args.generator == "bm25":
             return [(CandidatePool(ids),) * 2 for ids in self._bm25_candidates(queries, depth)]
-        sketches = self.sketcher.sketch_gradients(gradients).numpy()  # (queries, dim)
-        (top_scores, top_ids), (low_scores, low_ids) = search_both_signs(self.index, sketches, depth, nprobe=args.nprobe)
+        sketches, query_norms = self.sketcher.sketch_gradients_with_norms(gradients)  # (queries, dim), (queries,)
+        (top_scores, top_ids), (low_scores, low_ids) = search_both_signs(self.index, sketches.numpy(), depth, nprobe=args.nprobe)
         # the sketch noise only bounds random sketches; 'eigen' drops coordinates (a bias, not noise)
         adaptive = args.rerank and args.adaptive and self.sketcher.method != "eigen"
-        query_norms = self.sketcher.whitened_norms(gradients) if adaptive else None
         pools = []
         for qi in range(len(queries)):
             pair = []

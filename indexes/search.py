@@ -67,12 +67,12 @@ def search_both_signs(
         the scores are the inner products with q (the lowest are negative), ids as in `search_index`.
     """
     queries = _as_queries(queries, index.d)
-    flat = faiss.downcast_index(index) if isinstance(index, faiss.Index) else index
+    flat = faiss.downcast_index(index)
     if not (isinstance(flat, faiss.IndexFlat) and flat.metric_type == faiss.METRIC_INNER_PRODUCT):
         scores, ids = search_index(index, np.concatenate([queries, -queries]), k, nprobe=nprobe)
         q = len(queries)
         return (scores[:q], ids[:q]), (-scores[q:], ids[q:])
-    if k < 1:
+    if k < 1:  # as search_index checks on the other path
         raise InfluenceError(f"k must be at least 1, got {k}; ask for the number of documents to return")
     k = min(k, flat.ntotal)
     rows = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)  # a view, no copy

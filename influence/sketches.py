@@ -172,14 +172,15 @@ class Sketcher:
             squared_norm = squared_norm + sequence_gradients(a, s).double().pow(2).sum((1, 2))
         return SketchBatch(torch.cat(parts, dim=1).float(), self_influence, squared_norm.sqrt())
 
-    def whitened_norms(self, gradients: dict[str, torch.Tensor]) -> np.ndarray:
-        """||W(V)|| over the tracked modules of full gradients {module: (n, d_out, d_in)}: (n,) float64."""
-        squared = sum(whiten(gradients[m.name], self.factors.modules[m.name]).double().pow(2).sum((1, 2)) for m in self.modules)
-        return squared.sqrt().cpu().numpy()
-
     def sketch_gradients(self, gradients: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sketches of full gradients {module: (n, d_out, d_in)}, e.g. of queries: (n, sketch_dim)."""
-        parts = []
+        return self.sketch_gradients_with_norms(gradients)[0]
+
+    def sketch_gradients_with_norms(self, gradients: dict[str, torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
+        """Sketches (n, sketch_dim) and exact ||W(V)|| (n,) float64 over the tracked modules, from one whitening."""
+        parts, squared = [], 0.0
         for m in self.modules:
-            parts.append(self.project(m.name, whiten(gradients[m.name], self.factors.modules[m.name])))
-        return torch.cat(parts, dim=1).float()
+            whitened = whiten(gradients[m.name], self.factors.modules[m.name])
+            parts.append(self.project(m.name, whitened))
+            squared = squared + whitened.double().pow(2).sum((1, 2))
+        return torch.cat(parts, dim=1).float(), squared.sqrt().cpu().numpy()

@@ -80,3 +80,17 @@ def test_search_both_signs_equals_searching_q_and_minus_q(factory):
     np.testing.assert_allclose(high_scores, expected_high, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(low_scores, -expected_low, rtol=1e-5, atol=1e-5)
     assert (np.diff(high_scores, axis=1) <= 0).all() and (np.diff(low_scores, axis=1) >= 0).all()
+
+
+def test_query_norms_are_the_square_root_of_g_preconditioned_g(llama_dir, ekfac_dir):
+    from influence.preconditioner import precondition
+    from influence.query import Query
+
+    scorer = Scorer(llama_dir, ekfac_dir, ScoreArgs(progress=False))
+    sketcher = Sketcher(scorer.factors, scorer.modules, 4, seed=0)
+    gradients = scorer.query_gradients(scorer.tokenize([Query("a", "The cat sat", " on the mat."), Query("b", "Hello", " there.")]))
+    sketches, norms = sketcher.sketch_gradients_with_norms(gradients)
+    expected = sum((gradients[m.name] * precondition(gradients[m.name], scorer.factors.modules[m.name])).double().sum((1, 2))
+                   for m in scorer.modules).sqrt().numpy()  # ||W(g)||^2 = g^T (F + lambda I)^-1 g
+    np.testing.assert_allclose(norms, expected, rtol=1e-4)
+    assert torch.equal(sketches, sketcher.sketch_gradients(gradients))
