@@ -16,7 +16,7 @@ numbers per module:
 
 Measured on a 10k-sequence corpus (`benchmarks/query_latency.py`, README): at equal size "srht" finds
 the exact top-10 documents of both signs best; the whitened gradients there are nearly isotropic
-(sum of Lambda / (Lambda + lambda) is ~80% of D), so no data-dependent subset of coordinates beats a
+(sum of Lambda / (Lambda + lambda) is 79% of D there), so the data-dependent "eigen" coordinates do not beat a
 random projection. The exact squared norm ||W(z)||^2 is the self-influence, kept beside the sketch;
 with it the query engine bounds each sketch score's noise (`Sketcher.noise_scale`).
 """
