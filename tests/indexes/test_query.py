@@ -129,7 +129,7 @@ def test_adaptive_rerank_stops_once_no_candidate_can_enter_the_top_k(engine):
     scored = engine._rerank([(CandidatePool(ids), CandidatePool(ids))], QueryArgs(top_k=3, candidates=12, batch_size=4))
     assert sorted(scored.order) == sorted(ids.tolist())
     np.testing.assert_allclose(scored.scores[0, [scored.column[int(s)] for s in ids[:4]]],
-                               engine.score_documents(QUERIES[:1], ids[:4])[0], rtol=1e-6)
+                               engine.score_documents(QUERIES[:1], ids[:4])[0], rtol=1e-5, atol=1e-9)
 
 
 def test_stop_margin_must_be_non_negative():
@@ -148,7 +148,7 @@ def test_without_rerank_the_top_sketch_scores_come_back_as_estimates(engine, ind
         assert not r.exact and r.num_candidates == 0
         assert [d.seq_id for d in r.positive] == engine.seq_ids[high_ids[qi]].tolist()
         assert [d.seq_id for d in r.negative] == engine.seq_ids[low_ids[qi]].tolist()
-        assert [d.score for d in r.positive] == pytest.approx(high[qi].tolist(), rel=1e-6)
+        assert [d.score for d in r.positive] == pytest.approx(high[qi].tolist(), rel=1e-5)
         assert all(d.score == d.sketch_score and not d.token_scores and not d.layer_scores for d in r.documents)
     out = save_results(results, tmp_path / "sketch")
     assert "not re-ranked" in (out / "report.html").read_text() and "not re-ranked" in render_terminal(results)
