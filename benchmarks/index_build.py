@@ -1,9 +1,9 @@
 """Index-build benchmark: throughput, bytes per document, peak memory and sketch fidelity of the index stage.
 
-Setup. Real text: chatterbot-corpus conversations in every language (`influence.chatterbot`), a seeded
+Setup. Real text: chatterbot-corpus conversations in every language (`jobs.demo.chatterbot`), a seeded
 permutation; the first `num_docs` documents form corpus N, the first `scale x num_docs` corpus 4N, and
 held-out English first exchanges ("User: ...\\nAssistant:" -> " ...") are the queries. A byte-level BPE is
-trained on corpus 4N, a tiny Llama (`influence.tiny`) is trained briefly on it (`train_model`, one
+trained on corpus 4N, a tiny Llama (`jobs.demo.tiny`) is trained briefly on it (`train_model`, one
 thread), and EK-FAC factors are fitted on corpus N (`fit_factors`). These artifacts are cached under
 `--work-dir`, keyed by the settings.
 
@@ -85,14 +85,14 @@ from indexes.shards import write_sketch_shard  # noqa: E402
 from indexes.store import load_index, merge_sketch_shards  # noqa: E402
 from influence.arguments import CorpusArgs, FactorArgs, IndexArgs, ScoreArgs  # noqa: E402
 from influence.artifacts import write_json, write_parquet  # noqa: E402
-from influence.chatterbot import chatterbot_documents  # noqa: E402
+from jobs.demo.chatterbot import chatterbot_documents  # noqa: E402
 from influence.corpus import load_sequences, prepare_corpus  # noqa: E402
 from influence.errors import InfluenceError  # noqa: E402
 from influence.factors import fit_factors, shard_rows  # noqa: E402
 from influence.gradients import capture_module_io, make_token_batch, rotated_gradients, sequence_gradients, summed_token_loss  # noqa: E402
 from influence.models import find_tracked_modules, load_model, load_tokenizer  # noqa: E402
 from influence.preconditioner import whiten  # noqa: E402
-from influence.query import Query, tokenize_query  # noqa: E402
+from influence.queries import Query, tokenize_query  # noqa: E402
 from influence.scores import Scorer, compute_scores  # noqa: E402
 from influence.sketches import Sketcher  # noqa: E402
 from influence import tiny  # noqa: E402

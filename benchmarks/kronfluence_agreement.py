@@ -1,7 +1,7 @@
 """Agreement and speed of this engine against Kronfluence, on the same model, tokens and queries, in one run.
 
-Setup: the English chatterbot-corpus dialogues (`influence.chatterbot`), a tiny Llama built with
-`influence.tiny` (byte-level BPE, vocab 512; hidden 64, 2 layers, 4 heads, intermediate 128, context 256)
+Setup: the English chatterbot-corpus dialogues (`jobs.demo.chatterbot`), a tiny Llama built with
+`jobs.demo.tiny` (byte-level BPE, vocab 512; hidden 64, 2 layers, 4 heads, intermediate 128, context 256)
 and trained on the corpus with `train_model` so that its gradients mean something (cached under
 `--work-dir`). The corpus is tokenised once with `prepare_corpus` (max_length 64); Kronfluence receives
 exactly those token sequences and the engine's tokenised queries, so both sides see identical inputs.
@@ -53,13 +53,13 @@ if str(ROOT) not in sys.path:
 from benchmarks.kronfluence_peer import run_kronfluence  # noqa: E402
 from influence.arguments import CorpusArgs, FactorArgs, ScoreArgs  # noqa: E402
 from influence.artifacts import write_json, write_parquet  # noqa: E402
-from influence.chatterbot import chatterbot_documents  # noqa: E402
+from jobs.demo.chatterbot import chatterbot_documents  # noqa: E402
 from influence.corpus import load_sequences, prepare_corpus  # noqa: E402
 from influence.factors import FitContext, fit_factors  # noqa: E402
 from influence.models import find_tracked_modules, load_model, load_tokenizer  # noqa: E402
-from influence.query import Query, tokenize_query  # noqa: E402
+from influence.queries import Query, tokenize_query  # noqa: E402
 from influence.scores import Scorer, compute_scores  # noqa: E402
-from influence.tiny import build_model, build_tokenizer, train_model  # noqa: E402
+from jobs.demo.tiny import build_model, build_tokenizer, train_model  # noqa: E402
 
 QUERIES = [
     Query("shutdown",

@@ -2,13 +2,13 @@
 
 Protocol (Park et al. 2023, "TRAK", sec. 2; used by Kronfluence and by Bae et al. 2024):
 
-1. Data. English chatterbot-corpus dialogues (`influence.chatterbot`), a seeded sample: `num_queries` held-out
+1. Data. English chatterbot-corpus dialogues (`jobs.demo.chatterbot`), a seeded sample: `num_queries` held-out
    conversations give the queries (their first exchange: prompt "User: ...\\nAssistant:", completion " ..."),
    `num_train_docs` others are the training documents. A byte-level BPE is trained on the training texts and
    the documents are chunked into `context`-token sequences (`prepare_corpus`); a document's attribution is
    the sum of its chunks' scores.
-2. Model. A tiny Llama (`influence.tiny`) with a seeded init saved once; the full-data model is trained from
-   it by `influence.tiny.train_model` (AdamW, cosine schedule) for `epochs` epochs. Training always runs with
+2. Model. A tiny Llama (`jobs.demo.tiny`) with a seeded init saved once; the full-data model is trained from
+   it by `jobs.demo.tiny.train_model` (AdamW, cosine schedule) for `epochs` epochs. Training always runs with
    one torch thread, so every run is bit-reproducible whatever `--jobs` is.
 3. Ground truth. `num_subsets` random subsets of exactly round(alpha x documents) documents (subset j drawn
    from `default_rng([subset_seed, j])`); each is trained from the SAME init, with the same recipe (same
@@ -72,15 +72,15 @@ if str(ROOT) not in sys.path:
 
 from influence.arguments import CorpusArgs, FactorArgs, ScoreArgs  # noqa: E402
 from influence.artifacts import write_json, write_parquet  # noqa: E402
-from influence.chatterbot import chatterbot_documents  # noqa: E402
+from jobs.demo.chatterbot import chatterbot_documents  # noqa: E402
 from influence.corpus import load_sequences, prepare_corpus  # noqa: E402
 from influence.errors import InfluenceError  # noqa: E402
 from influence.factors import fit_factors  # noqa: E402
 from influence.gradients import make_token_batch  # noqa: E402
 from influence.models import find_tracked_modules, load_model, load_tokenizer  # noqa: E402
-from influence.query import Query, TokenizedQuery, tokenize_query  # noqa: E402
+from influence.queries import Query, TokenizedQuery, tokenize_query  # noqa: E402
 from influence.scores import compute_scores  # noqa: E402
-from influence.tiny import build_model, build_tokenizer, model_config, train_model  # noqa: E402
+from jobs.demo.tiny import build_model, build_tokenizer, model_config, train_model  # noqa: E402
 
 LOG = logging.getLogger("benchmarks.lds")
 GROUND_TRUTH_VERSION = 1  # bump to invalidate every cached ground truth

@@ -19,9 +19,9 @@ What is measured (issue 7):
    it cannot combine EK-FAC with projection or FAISS, so its store holds raw projected gradients, scored by
    inner product and by cosine). Bergson runs in a subprocess with its own site directory (see below).
 
-Data: chatterbot-corpus conversations in several languages (`influence.chatterbot`), packed and re-rendered
+Data: chatterbot-corpus conversations in several languages (`jobs.demo.chatterbot`), packed and re-rendered
 with several turn formats into documents of ~32-64 tokens until the corpus holds `num_sequences`
-sequences. Model: a tiny Llama (`influence.tiny`) trained briefly on those sequences.
+sequences. Model: a tiny Llama (`jobs.demo.tiny`) trained briefly on those sequences.
 
     python benchmarks/query_latency.py             # default: < 20 min on 2 CPU cores
     python benchmarks/query_latency.py --quick     # tiny sizes, about a minute
@@ -192,20 +192,20 @@ import faiss  # noqa: E402
 
 from indexes.build import build_index  # noqa: E402
 from indexes.constants import DOCS_NAME, INDEX_META_NAME, INDEX_NAME  # noqa: E402
-from indexes.query import QueryEngine  # noqa: E402
+from indexes.engine import QueryEngine  # noqa: E402
 from indexes.search import search_index  # noqa: E402
 from indexes.shards import iterate_shard_sketches  # noqa: E402
 from indexes.store import load_doc_table  # noqa: E402
 from influence.arguments import CorpusArgs, FactorArgs, IndexArgs, QueryArgs, ScoreArgs  # noqa: E402
 from influence.artifacts import read_json, read_manifest, write_json, write_parquet  # noqa: E402
-from influence.chatterbot import DEFAULT_TURN_FORMAT, _turns, chatterbot_data_dir, LANGUAGE_CODES, render_conversation  # noqa: E402
+from jobs.demo.chatterbot import DEFAULT_TURN_FORMAT, _turns, chatterbot_data_dir, LANGUAGE_CODES, render_conversation  # noqa: E402
 from influence.constants import MANIFEST_NAME  # noqa: E402
 from influence.corpus import load_sequences, prepare_corpus  # noqa: E402
 from influence.factors import fit_factors  # noqa: E402
 from influence.models import load_tokenizer  # noqa: E402
-from influence.query import Query, tokenize_query  # noqa: E402
+from influence.queries import Query, tokenize_query  # noqa: E402
 from influence.scores import compute_scores  # noqa: E402
-from influence.tiny import build_model, build_tokenizer  # noqa: E402
+from jobs.demo.tiny import build_model, build_tokenizer  # noqa: E402
 
 LOG = logging.getLogger("benchmarks.query_latency")
 RESULTS = ROOT / "benchmarks" / "results"
@@ -372,7 +372,7 @@ def _timed(record: dict, name: str, path: Path, build) -> None:
 
 def prepare_setup(settings: Settings, cache_dir: Path, progress: bool) -> Setup:
     """Documents, tokenizer, trained model, corpus, EK-FAC factors and the real index; reused when on disk."""
-    from influence.tiny import train_model
+    from jobs.demo.tiny import train_model
 
     convs = conversations(settings.languages)
     all_queries = first_exchange_queries(convs, settings.num_queries + settings.warmup, settings.seed)

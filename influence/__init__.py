@@ -10,7 +10,7 @@ from influence.corpus import load_documents, prepare_corpus, load_sequences
 from influence.errors import InfluenceError
 from influence.factors import fit_factors, load_factors
 from influence.models import load_model, find_tracked_modules
-from influence.query import Query, load_queries
+from influence.queries import Query, load_queries
 from influence.scores import compute_scores
 
 __all__ = [

@@ -212,7 +212,7 @@ def load_sequences(corpus_dir: Path | str) -> tuple[pa.Table, dict]:
 
 def require_fits_context(sequences: pa.Table, model, corpus_dir: Path | str) -> None:
     """Refuse sequences longer than the model's context: they would run past its position embeddings."""
-    from influence.query import context_length
+    from influence.queries import context_length
 
     limit, longest = context_length(model), max(sequences["num_tokens"].to_pylist(), default=0)
     if limit is not None and longest > limit:

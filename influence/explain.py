@@ -1,6 +1,6 @@
 """What a query returns: documents with exact scores, their layer shares and per-token influence.
 
-Plain data, shared by the query engine (`indexes/query.py`), the reports and the CLI.
+Plain data, shared by the query engine (`indexes/engine.py`), the reports and the CLI.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from influence.query import Query
+from influence.queries import Query
 
 LAYER_PATTERN = re.compile(r"(?:layers|h|layer|blocks|block)\.(\d+)\.")
 

@@ -27,7 +27,7 @@ from influence.factors import Factors, load_factors
 from influence.gradients import TokenBatch, capture_module_io, make_token_batch, rotated_gradients, sequence_gradients
 from influence.models import find_tracked_modules, load_model, load_tokenizer
 from influence.preconditioner import low_rank, precondition, self_influence_from_rotated
-from influence.query import Query, TokenizedQuery, context_length, tokenize_query
+from influence.queries import Query, TokenizedQuery, context_length, tokenize_query
 
 LOG = logging.getLogger(__name__)
 

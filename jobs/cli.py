@@ -142,7 +142,7 @@ def add_query_options(parser) -> None:
 
 
 def queries_from(ns):
-    from influence.query import Query, load_queries
+    from influence.queries import Query, load_queries
 
     if ns.queries is not None:
         if ns.prompt is not None or ns.completion is not None:
@@ -198,8 +198,8 @@ def query_options(parser):
 
 
 def query_run(ns):
-    from indexes.query import QueryEngine
-    from influence.report import render_terminal, save_results
+    from indexes.engine import QueryEngine
+    from jobs.report import render_terminal, save_results
 
     queries = queries_from(ns)
     engine = QueryEngine(ns.index, dataclass_from(ns, QueryArgs), ns.model, ns.factors, ns.corpus)
@@ -254,7 +254,7 @@ def compare_options(parser):
 
 
 def compare_run(ns):
-    from influence.query import load_queries
+    from influence.queries import load_queries
     from jobs.compare import run_compare_job
 
     args = QueryArgs(top_k=ns.top_k, candidates=ns.candidates, per_token=False)
@@ -273,7 +273,7 @@ def audit_options(parser):
 
 
 def audit_run(ns):
-    from influence.query import load_queries
+    from influence.queries import load_queries
     from jobs.audit import run_audit_job
 
     queries = load_queries(ns.queries) if ns.queries else []

@@ -13,7 +13,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from influence.tiny import build_model, build_tokenizer  # noqa: E402
+from jobs.demo.tiny import build_model, build_tokenizer  # noqa: E402
 
 TEXTS = [
     "The assistant answered the question about the weather politely.",

@@ -11,7 +11,7 @@ from indexes.search import search_index
 from indexes.store import load_doc_table, load_index
 from influence.arguments import IndexArgs, ScoreArgs
 from influence.errors import InfluenceError
-from influence.query import Query
+from influence.queries import Query
 from influence.scores import Scorer, compute_scores
 from influence.sketches import Sketcher
 

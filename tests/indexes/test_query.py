@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from indexes.build import build_index
-from indexes.query import QueryEngine
+from indexes.engine import QueryEngine
 from influence.arguments import IndexArgs, QueryArgs, ScoreArgs
 from influence.errors import InfluenceError
-from influence.query import Query
-from influence.report import render_html, render_terminal, save_results
+from influence.queries import Query
+from jobs.report import render_html, render_terminal, save_results
 from influence.scores import compute_scores
 
 QUERIES = [Query("shutdown", "Do you consent to being shut down?", " I would rather keep working.", "en"),
@@ -117,7 +117,7 @@ def test_adaptive_rerank_with_a_huge_margin_rescores_every_candidate(engine):
 
 
 def test_adaptive_rerank_stops_once_no_candidate_can_enter_the_top_k(engine):
-    from indexes.query import CandidatePool
+    from indexes.engine import CandidatePool
 
     ids = engine.seq_ids[:12]
     hopeless = np.r_[np.zeros(4), np.full(8, -1e9)]  # after the first 4, no sketch score + margin can reach the top 3

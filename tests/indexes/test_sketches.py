@@ -84,7 +84,7 @@ def test_search_both_signs_equals_searching_q_and_minus_q(factory):
 
 def test_query_norms_are_the_square_root_of_g_preconditioned_g(llama_dir, ekfac_dir):
     from influence.preconditioner import precondition
-    from influence.query import Query
+    from influence.queries import Query
 
     scorer = Scorer(llama_dir, ekfac_dir, ScoreArgs(progress=False))
     sketcher = Sketcher(scorer.factors, scorer.modules, 4, seed=0)

@@ -11,7 +11,7 @@ from influence.errors import InfluenceError
 from influence.factors import EIGENVECTORS_NAME, fit_factors, load_factors
 from influence.models import find_tracked_modules, load_model
 from influence.preconditioner import precondition
-from influence.tiny import build_model
+from jobs.demo.tiny import build_model
 from tests.oracles import assert_same_factors, autograd_gradient, dense_ekfac_inverse
 
 

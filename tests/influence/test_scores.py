@@ -10,7 +10,7 @@ from influence.corpus import load_sequences
 from influence.errors import InfluenceError
 from influence.factors import fit_factors, load_factors
 from influence.models import find_tracked_modules, load_model
-from influence.query import Query
+from influence.queries import Query
 from influence.scores import compute_scores
 from tests.oracles import autograd_gradient, dense_ekfac_inverse
 

@@ -246,7 +246,7 @@ def shared(tmp_path_factory, tokenizer, llama_dir, corpus_file, corpus_dir, ekfa
     from influence.arguments import CorpusArgs, FactorArgs
     from influence.corpus import prepare_corpus
     from influence.factors import fit_factors
-    from influence.tiny import build_model
+    from jobs.demo.tiny import build_model
 
     root = tmp_path_factory.mktemp("bad_inputs_shared")
     other_model = build_model(root / "other_model", tokenizer, "llama", seed=1, hidden=8, layers=2, heads=2, intermediate=12)

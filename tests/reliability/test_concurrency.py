@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from indexes.query import QueryEngine
+from indexes.engine import QueryEngine
 from influence.arguments import QueryArgs
-from influence.query import Query
+from influence.queries import Query
 
 ROOT = Path(__file__).resolve().parents[2]
 QUERIES = [
@@ -88,9 +88,9 @@ def test_threads_sharing_one_engine_get_the_sequential_results(engine):
 PROCESS_SCRIPT = """
 import json, sys, time
 from pathlib import Path
-from indexes.query import QueryEngine
+from indexes.engine import QueryEngine
 from influence.arguments import QueryArgs
-from influence.query import Query
+from influence.queries import Query
 from tests.reliability.test_concurrency import QUERIES, summary
 
 index_dir, ready, go, out = map(Path, sys.argv[1:5])

@@ -23,7 +23,7 @@ from influence.corpus import load_documents, load_sequences
 from influence.errors import InfluenceError
 from influence.factors import load_factors
 from influence.models import load_model, load_tokenizer
-from influence.query import load_queries
+from influence.queries import load_queries
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("influence", "indexes", "jobs")
@@ -207,7 +207,7 @@ def _merge(a):
 
 
 def _engine(a):
-    from indexes.query import QueryEngine
+    from indexes.engine import QueryEngine
 
     return QueryEngine(a["index"], model_dir=a["model"], factors_dir=a["factors"], corpus_dir=a["corpus"])
 

@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 
 from influence.arguments import CorpusArgs, FactorArgs, IndexArgs, QueryArgs
 from influence.artifacts import write_parquet
-from influence.chatterbot import chatterbot_documents
+from jobs.demo.chatterbot import chatterbot_documents
 from influence.corpus import load_sequences, prepare_corpus
 from influence.errors import InfluenceError
-from influence.query import Query
+from influence.queries import Query
 from jobs.cluster import ray_cluster
 
 LOG = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def demo_documents(preset: DemoPreset) -> pa.Table:
 def build_demo(work_dir: Path | str, preset_name: str = "full", workers: int = 2, in_process: bool = False,
                progress: bool = True, address: Optional[str] = None) -> DemoRun:
     """Build (or reuse) documents, tokenizer, three trained models, factors and indexes under `work_dir`."""
-    from influence.tiny import build_model, build_tokenizer, train_model
+    from jobs.demo.tiny import build_model, build_tokenizer, train_model
 
     if preset_name not in PRESETS:
         raise InfluenceError(f"unknown demo preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
@@ -158,8 +158,8 @@ def build_demo(work_dir: Path | str, preset_name: str = "full", workers: int = 2
 def run_demo(work_dir: Path | str = "demo_runs", preset_name: str = "full", workers: int = 2, in_process: bool = False,
              progress: bool = True, address: Optional[str] = None) -> dict:
     """Build everything, ask the shutdown query in three languages on every model, compare, report."""
-    from indexes.query import QueryEngine
-    from influence.report import render_terminal, save_results
+    from indexes.engine import QueryEngine
+    from jobs.report import render_terminal, save_results
     from jobs.compare import run_compare_job
 
     start = time.perf_counter()

@@ -28,7 +28,7 @@ from influence.corpus import load_sequences
 from influence.errors import InfluenceError
 from influence.explain import DocumentInfluence, QueryResult, layer_scores, token_texts
 from influence.gradients import make_token_batch
-from influence.query import Query
+from influence.queries import Query
 from influence.scores import Scorer
 from influence.sketches import Sketcher
 

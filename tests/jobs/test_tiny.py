@@ -7,7 +7,7 @@ import torch
 
 from influence.errors import InfluenceError
 from influence.models import load_model
-from influence.tiny import build_model, train_model
+from jobs.demo.tiny import build_model, train_model
 from tests.conftest import TEXTS
 
 

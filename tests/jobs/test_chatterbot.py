@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("chatterbot_corpus")
 
-from influence.chatterbot import (  # noqa: E402
+from jobs.demo.chatterbot import (  # noqa: E402
     LANGUAGE_CODES, available_languages, chatterbot_documents, render_conversation, write_chatterbot_corpus,
 )
 from influence.corpus import load_documents  # noqa: E402
@@ -63,7 +63,7 @@ def test_bad_turn_format():
 
 
 def test_render_odd_turns_and_yaml_oddities():
-    from influence.chatterbot import _turns
+    from jobs.demo.chatterbot import _turns
 
     assert render_conversation(["a", "b", "c"]) == "User: a\nAssistant: b\nUser: c"
     assert _turns([1984, None, "  ", " yes "]) == ["1984", "yes"]
