@@ -1,4 +1,5 @@
-"""The FAISS-backed store of gradient sketches: write shards, merge them, load, search, check.
+"""The store of gradient sketches: write shards, merge them into a float16 store (and optionally a FAISS index), load,
+search, check.
 
 Free functions over float32 (n, d) arrays, in the manner of faiss `contrib/`: index workers write
 sketch shards atomically, one merge builds an inner-product index and an aligned doc table, and
@@ -15,17 +16,21 @@ from indexes.shards import (
     sketch_shard_path,
     write_sketch_shard,
 )
-from indexes.store import index_exists, load_doc_table, load_index, merge_sketch_shards
+from indexes.search import SketchStore, search_both_signs
+from indexes.store import index_exists, load_doc_table, load_index, load_sketch_store, merge_sketch_shards
 
 __all__ = [
     "SKETCH_SHARD_NAME",
+    "SketchStore",
     "exact_topk",
     "finished_shards",
     "index_exists",
     "iterate_shard_sketches",
     "load_doc_table",
     "load_index",
+    "load_sketch_store",
     "merge_sketch_shards",
+    "search_both_signs",
     "search_index",
     "sketch_shard_exists",
     "sketch_shard_path",

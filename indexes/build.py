@@ -1,157 +1,185 @@
-"""The index stage: model + factors + corpus -> sketch shards -> FAISS index, doc table, manifest.
+"""The index stage: model + factors + corpus -> sketch shards -> sketch store (+ FAISS index), doc table, manifest.
 
-`SketchBatches` is the unit of work: a callable that holds a model, its factors and the projections,
-and turns a batch of sequences into sketches, exact self-influences and gradient norms. It is what
-`jobs/index.py` hands to Ray Data's `map_batches`; `build_index` runs the same code in this process.
+One pass: each task sketches one shard of the corpus (`sketch_work`, on any executor), the driver writes each
+shard as it arrives, and the reduce merges them. The factors may come from a fit on a sample of this corpus or on
+another corpus cut by the same tokenizer (as in the paper); the manifest records both corpora.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import torch
 
-from indexes.shards import sketch_shard_exists, write_sketch_shard
+from indexes.constants import NO_FACTORY
+from indexes.shards import sketch_shard_exists, sketch_shard_path, write_sketch_shard
 from indexes.store import check_factory, index_exists, merge_sketch_shards
 from influence.arguments import IndexArgs
-from influence.artifacts import read_json, read_manifest, require_same, write_json, write_manifest
+from influence.artifacts import prepare_output, read_json, read_manifest, references, require_same, write_json, write_manifest
 from influence.constants import ARGS_NAME, FACTORS_NAME, MANIFEST_NAME
-from influence.corpus import load_sequences, require_fits_context
+from influence.corpus import TokenRows, load_sequences, require_fits_context, require_same_tokenizer, shard_rows, token_rows
 from influence.errors import InfluenceError
-from influence.factors import load_factors, shard_rows
-from influence.gradients import capture_module_io, make_token_batch
-from influence.models import find_tracked_modules, fingerprint_model, load_model
+from influence.factors import Factors, load_factors
+from influence.gradients import capture_module_io, make_token_batch, plan_batches
+from influence.models import ModelInfo, ModelSpec, describe_model, load_model_context, model_identity, require_model_dir
 from influence.sketches import Sketcher
+from influence.stage import Executor, Pass, Workspace, run_stage
 
 LOG = logging.getLogger(__name__)
 DOC_COLUMNS = ("doc_id", "chunk", "source", "lang", "num_tokens")
 
 
-class SketchBatches:
-    """Loads the model and factors once; each call sketches one batch of sequences."""
+@dataclass
+class IndexPlan:
+    """Everything an index is built from, checked before anything is written."""
 
-    def __init__(self, model_dir: str, factors_dir: str, args: IndexArgs):
-        import torch
+    model_dir: Path
+    factors_dir: Path
+    corpus_dir: Path
+    out_dir: Path
+    args: IndexArgs
+    info: ModelInfo
+    spec: ModelSpec
+    sequences: pa.Table
+    identity: dict    # saved as args.json and in the manifest: compared when resuming and loading
+    num_shards: int
 
-        torch.set_grad_enabled(True)
-        self.args = args
-        self.model = load_model(model_dir, dtype=args.torch_dtype, device=args.device)
-        factors = load_factors(factors_dir, model_dir)
-        self.modules = find_tracked_modules(self.model, factors.manifest["args"]["module_pattern"])
-        require_same("tracked modules", [m.name for m in self.modules], factors.manifest["modules"], Path(factors_dir),
-                     "re-fit the factors with `influence fit` (the manifest's module list no longer matches the model)")
-        compute_dtype = torch.float64 if args.torch_dtype == torch.float64 else torch.float32
-        self.sketcher = Sketcher(factors.to(compute_dtype, args.device), self.modules, args.sketch_size, args.seed, args.sketch)
-
-    def __call__(self, batch: dict) -> dict:
-        """{seq_id, input_ids} -> {seq_id, sketch (n, dim) float32, self_influence, grad_norm}."""
-        seq_ids = [int(s) for s in batch["seq_id"]]
-        sequences = [list(map(int, ids)) for ids in batch["input_ids"]]
-        sketches, selfs, norms = [], [], []
-        for start in range(0, len(sequences), self.args.batch_size):
-            token_batch = make_token_batch(sequences[start : start + self.args.batch_size], device=self.args.device)
-            io, _ = capture_module_io(self.model, self.modules, token_batch)
-            result = self.sketcher.sketch_io(io)
-            sketches.append(result.sketches.cpu().numpy())
-            selfs.append(result.self_influence.cpu().numpy())
-            norms.append(result.gradient_norm.cpu().numpy())
-        return {"seq_id": np.asarray(seq_ids, dtype=np.int64), "sketch": np.concatenate(sketches),
-                "self_influence": np.concatenate(selfs), "grad_norm": np.concatenate(norms)}
+    def rows(self, shard: int) -> range:
+        return shard_rows(self.sequences.num_rows, shard, self.num_shards)
 
 
-def index_identity(model_dir: Path, factors_dir: Path, corpus_dir: Path, args: IndexArgs) -> dict:
-    """What an index is built from; stored in args.json and the manifest, compared on resume and load."""
+@dataclass(frozen=True)
+class IndexWork:
+    """What every task of the index stage shares: the model to load, the factors and the sketch settings."""
+
+    spec: ModelSpec
+    factors: Factors
+    modules: tuple[str, ...]
+    sketch_dim: int
+    seed: int
+    batch_tokens: int
+    key: tuple
+
+
+def plan_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path | str, out_dir: Path | str,
+               args: IndexArgs = IndexArgs()) -> IndexPlan:
+    """Check the model, factors, corpus, settings and output before anything is sketched."""
+    model_dir = require_model_dir(model_dir)
+    factors_dir, corpus_dir, out_dir = (Path(p).resolve() for p in (factors_dir, corpus_dir, out_dir))
     factors = read_manifest(factors_dir, "factors")
-    require_same("model", fingerprint_model(model_dir), factors["model_fingerprint"], factors_dir,
-                 "fit factors for this model with `influence fit`")
-    _, corpus = load_sequences(corpus_dir)
-    import hashlib
-
+    identity = model_identity(model_dir)
+    require_same("model", identity.fingerprint, factors["model_fingerprint"], factors_dir, "fit factors for this model with `influence fit`")
     if not (factors_dir / FACTORS_NAME).is_file():
         raise InfluenceError(f"{factors_dir} has a manifest but no {FACTORS_NAME}; re-run `influence fit` into a new directory")
-    factors_hash = hashlib.blake2b((factors_dir / FACTORS_NAME).read_bytes(), digest_size=16).hexdigest()
-    return {"model_fingerprint": factors["model_fingerprint"], "corpus_fingerprint": corpus["corpus_fingerprint"],
-            "factors_fingerprint": factors_hash, "modules": factors["modules"], "strategy": factors["args"]["strategy"],
-            "args": args.artifact_dict()}
-
-
-def check_index_inputs(worker: SketchBatches, sequences: pa.Table, corpus_dir: Path, args: IndexArgs) -> None:
-    """Refuse, before anything is written, what would otherwise fail after the sketching or inside a Ray
-    worker: sequences longer than the model's context, and a factory the sketches cannot be indexed with."""
-    require_fits_context(sequences, worker.model, corpus_dir)
-    check_factory(worker.sketcher.dim, args.factory, min(args.train_size, sequences.num_rows))
-
-
-def start_index(index_dir: Path, identity: dict, args: IndexArgs) -> None:
-    """Record what the index is built from, or refuse to resume one built from something else."""
-    path = index_dir / ARGS_NAME
-    if path.exists():
-        saved = read_json(path)
+    info = describe_model(model_dir, factors["args"]["module_pattern"])
+    require_same("tracked modules", info.module_names, factors["modules"], factors_dir,
+                 "re-fit the factors with `influence fit` (the manifest's module list no longer matches the model)")
+    sequences, corpus = load_sequences(corpus_dir)
+    require_same_tokenizer(corpus, model_dir, corpus_dir)
+    require_fits_context(sequences, info.context, corpus_dir)
+    if args.factory != NO_FACTORY:
+        check_factory(args.sketch_dim, args.factory, min(args.train_size, sequences.num_rows))
+    plan_identity = {"model_fingerprint": identity.fingerprint, "corpus_fingerprint": corpus["corpus_fingerprint"],
+                     "factors_fingerprint": factors["factors_fingerprint"], "factors_corpus_fingerprint": factors["corpus_fingerprint"],
+                     "modules": factors["modules"], "strategy": factors["args"]["strategy"], "args": args.artifact_dict()}
+    saved_path = out_dir / ARGS_NAME
+    if saved_path.is_file() and (any(out_dir.glob("sketch_shard_*")) or (out_dir / MANIFEST_NAME).exists()):
+        saved = read_json(saved_path)
+        if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
+            raise InfluenceError(f"{saved_path} was edited by hand or written by another version; use a new --out")
         for key in ("model_fingerprint", "corpus_fingerprint", "factors_fingerprint"):
-            require_same(key.replace("_fingerprint", ""), identity[key], saved.get(key), index_dir,
-                         "use a new --out directory for another model, corpus or factors")
-        args.require_matches(saved["args"], str(index_dir))
-    else:
-        write_json(path, identity)
-
-
-def shard_table(sequences: pa.Table, rows: range) -> pa.Table:
-    return sequences.slice(rows.start, len(rows))
-
-
-def write_shard(index_dir: Path, shard: int, num_shards: int, sequences: pa.Table, rows: range, output: dict) -> Path:
-    """Join the worker's output with the doc metadata of its rows and write the shard."""
-    meta = shard_table(sequences, rows)
-    expected = meta["seq_id"].to_numpy()
-    if not np.array_equal(output["seq_id"], expected):
-        raise InfluenceError(f"shard {shard}: workers returned rows out of order; this is a bug, please report it")
-    table = pa.table({"seq_id": output["seq_id"], **{c: meta[c] for c in DOC_COLUMNS},
-                      "self_influence": output["self_influence"], "grad_norm": output["grad_norm"]})
-    return write_sketch_shard(index_dir, shard, num_shards, output["sketch"], table)
-
-
-def finish_index(index_dir: Path, identity: dict, args: IndexArgs, num_shards: int, stats: dict,
-                 model_dir: Path, factors_dir: Path, corpus_dir: Path) -> Path:
-    """Merge the shards and write the manifest last (it marks the index complete)."""
-    merge_sketch_shards(index_dir, num_shards, factory=args.factory, train_size=args.train_size, seed=args.seed, progress=args.progress)
-    sources = {"model_dir": str(model_dir.resolve()), "factors_dir": str(factors_dir.resolve()), "corpus_dir": str(corpus_dir.resolve())}
-    write_manifest(index_dir, "index", **identity, **sources, num_shards=num_shards, **stats)
-    return index_dir
+            require_same(key.replace("_fingerprint", ""), plan_identity[key], saved.get(key), out_dir,
+                         "use a new --out directory for another model, corpus or factors (or delete the old one)")
+        args.require_matches(saved["args"], str(out_dir))
+    spec = ModelSpec(str(model_dir), args.dtype, args.device, factors["args"]["module_pattern"], identity.quick)
+    num_shards = -(-sequences.num_rows // args.shard_size)
+    return IndexPlan(model_dir, factors_dir, corpus_dir, out_dir, args, info, spec, sequences, plan_identity, num_shards)
 
 
 def build_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path | str, index_dir: Path | str,
-                args: IndexArgs = IndexArgs(), worker: Optional[SketchBatches] = None) -> Path:
-    """Sketch every sequence in this process, shard by shard (resumable), then merge into a FAISS index."""
-    from tqdm.auto import tqdm
+                args: IndexArgs = IndexArgs(), executor: Optional[Executor] = None) -> Path:
+    """Sketch every sequence on `executor` (default: this process), shard by shard (resumable), then merge."""
+    plan = plan_index(model_dir, factors_dir, corpus_dir, index_dir, args)
+    if index_exists(plan.out_dir) and (plan.out_dir / MANIFEST_NAME).exists():
+        read_manifest(plan.out_dir, "index")
+        if not args.keep_shards:  # a run killed between its manifest and the clean-up
+            _remove_shards(plan)
+        return plan.out_dir
+    dim, n = args.sketch_dim, plan.sequences.num_rows
+    bytes_needed = n * dim * (2 + 4 + (4 if args.factory != NO_FACTORY else 0))  # store, shards, FAISS
+    with prepare_output(plan.out_dir, "index", {"model": plan.model_dir, "factors": plan.factors_dir, "corpus": plan.corpus_dir},
+                        bytes_needed):
+        write_json(plan.out_dir / ARGS_NAME, plan.identity)
+        start = time.perf_counter()
+        report = run_stage("index", index_passes(plan), executor, args.progress)
+        LOG.info("index: %s in %.1fs", report.seconds, time.perf_counter() - start)
+    return plan.out_dir
 
-    model_dir, factors_dir, corpus_dir, index_dir = map(Path, (model_dir, factors_dir, corpus_dir, index_dir))
-    identity = index_identity(model_dir, factors_dir, corpus_dir, args)
-    finished = index_exists(index_dir) and (index_dir / MANIFEST_NAME).exists()
-    sequences, _ = load_sequences(corpus_dir)
-    if not finished:
-        worker = worker or SketchBatches(str(model_dir), str(factors_dir), args)
-        check_index_inputs(worker, sequences, corpus_dir, args)
-    start_index(index_dir, identity, args)
-    if finished:
-        return index_dir
-    num_shards = -(-sequences.num_rows // args.shard_size)
+
+def index_passes(plan: IndexPlan):
+    args = plan.args
+    factors = load_factors(plan.factors_dir, plan.identity["model_fingerprint"])
+    key = (plan.identity["factors_fingerprint"], args.sketch_dim, args.seed, args.dtype, args.device)
+    work = IndexWork(plan.spec, factors, tuple(plan.info.module_names), args.sketch_dim, args.seed, args.batch_tokens, key)
+    pending = [k for k in range(plan.num_shards) if not sketch_shard_exists(plan.out_dir, k, plan.num_shards)]
     start = time.perf_counter()
-    for shard in tqdm(range(num_shards), desc="index shards", unit="shard", disable=not args.progress):
-        if sketch_shard_exists(index_dir, shard, num_shards):
-            continue
-        worker = worker or SketchBatches(str(model_dir), str(factors_dir), args)
-        rows = shard_rows(sequences.num_rows, shard, num_shards)
-        table = shard_table(sequences, rows)
-        write_shard(index_dir, shard, num_shards, sequences, rows,
-                    worker({"seq_id": table["seq_id"].to_numpy(), "input_ids": table["input_ids"].to_pylist()}))
-    stats = build_stats(sequences, time.perf_counter() - start)
-    return finish_index(index_dir, identity, args, num_shards, stats, model_dir, factors_dir, corpus_dir)
+    yield Pass("sketch", pending, sketch_work, save=partial(_save_shard, plan), reduce=partial(_finish, plan, start),
+               payload=lambda k: token_rows(plan.sequences, plan.rows(k)), shared=work, shared_key=("index", key, plan.spec),
+               sizes=[len(plan.rows(k)) for k in pending])
 
 
-def build_stats(sequences: pa.Table, seconds: float) -> dict:
-    tokens = int(sum(sequences["num_tokens"].to_pylist()))
-    return {"num_sequences": sequences.num_rows, "num_tokens": tokens, "build_seconds": round(seconds, 3)}
+def sketch_work(workspace: Workspace, work: IndexWork, rows: TokenRows) -> dict:
+    """Sketches, exact self-influences and gradient norms of some rows, in row order."""
+    loaded = workspace.get(("model", work.spec), partial(load_model_context, work.spec))
+    sketcher = workspace.get(("sketcher", work.key), lambda: Sketcher(
+        work.factors.to(torch.float64 if work.spec.dtype == "float64" else torch.float32, work.spec.device),
+        work.modules, work.sketch_dim, work.seed))
+    n = len(rows)
+    sketches = np.zeros((n, work.sketch_dim), np.float32)
+    self_influence, grad_norm = np.zeros(n), np.zeros(n)
+    for positions in plan_batches(rows.lengths, work.batch_tokens):
+        batch = make_token_batch([rows.sequence(i) for i in positions], device=work.spec.device)
+        io, _ = capture_module_io(loaded.model, loaded.modules, batch)
+        result = sketcher.sketch_io(io)
+        sketches[positions] = result.sketches.cpu().numpy()
+        self_influence[positions] = result.self_influence.numpy()
+        grad_norm[positions] = result.gradient_norm.numpy()
+    return {"seq_id": rows.seq_ids, "sketch": sketches, "self_influence": self_influence, "grad_norm": grad_norm}
+
+
+def _save_shard(plan: IndexPlan, shard: int, output: dict) -> None:
+    """Join the worker's output with the doc metadata of its rows and write the shard."""
+    rows = plan.rows(shard)
+    meta = plan.sequences.slice(rows.start, len(rows))
+    if not np.array_equal(output["seq_id"], meta["seq_id"].to_numpy()):
+        raise InfluenceError(f"shard {shard}: a worker returned other rows than it was sent; this is a bug, please report it")
+    table = pa.table({"seq_id": output["seq_id"], **{c: meta[c] for c in DOC_COLUMNS},
+                      "self_influence": output["self_influence"], "grad_norm": output["grad_norm"]})
+    write_sketch_shard(plan.out_dir, shard, plan.num_shards, output["sketch"], table)
+
+
+def _finish(plan: IndexPlan, start: float) -> None:
+    """Merge the shards, write the manifest last (it marks the index complete), then drop the shards."""
+    args = plan.args
+    merge_sketch_shards(plan.out_dir, plan.num_shards, factory=args.factory, train_size=args.train_size, seed=args.seed,
+                        progress=args.progress)
+    tokens = int(sum(plan.sequences["num_tokens"].to_pylist()))
+    write_manifest(plan.out_dir, "index", **plan.identity, sketch_dim=args.sketch_dim,
+                   **references(plan.out_dir, model_dir=plan.model_dir, factors_dir=plan.factors_dir, corpus_dir=plan.corpus_dir),
+                   num_shards=plan.num_shards,
+                   num_sequences=plan.sequences.num_rows, num_tokens=tokens, build_seconds=round(time.perf_counter() - start, 3))
+    if not args.keep_shards:
+        _remove_shards(plan)
+
+
+def _remove_shards(plan: IndexPlan) -> None:
+    for shard in range(plan.num_shards):
+        shutil.rmtree(sketch_shard_path(plan.out_dir, shard, plan.num_shards), ignore_errors=True)

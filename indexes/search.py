@@ -7,7 +7,8 @@ database as blocks, so tests and recall benchmarks can check any index against i
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Union
 
 import faiss
 import numpy as np
@@ -19,6 +20,50 @@ LOG = logging.getLogger(__name__)
 
 # Rows scored at once by the oracle: bounds its float64 scratch to (q, 16384) scores.
 _EXACT_CHUNK = 16384
+# Rows of the float16 store converted and scored at once by the scan.
+_SCAN_BLOCK = 32768
+
+
+@dataclass
+class SketchStore:
+    """The sketches as stored: float16 rows (a read-only memmap) and each row's scale (sketch = row x scale)."""
+
+    rows: np.ndarray     # (n, d) float16
+    scales: np.ndarray   # (n,) float32
+
+    @property
+    def ntotal(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.rows.shape[1]
+
+
+def scan_both_signs(store: SketchStore, queries: np.ndarray, k: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The k highest and k lowest inner products of each query with every stored sketch: an exact scan of the store.
+
+    Blocks of rows are converted to float32 and scored with one GEMM each (torch's, which honours the thread
+    setting of a query); only the best k of each end are kept between blocks.
+    """
+    queries = _as_queries(queries, store.d)
+    if k < 1:
+        raise InfluenceError(f"k must be at least 1, got {k}; ask for the number of documents to return")
+    k = min(k, store.ntotal)
+    q = torch.from_numpy(queries)
+    ends = [(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)) for _ in range(2)]
+    for start in range(0, store.ntotal, _SCAN_BLOCK):
+        block = torch.from_numpy(np.asarray(store.rows[start : start + _SCAN_BLOCK], dtype=np.float32))  # (b, d)
+        scores = (q @ block.T).numpy() * store.scales[start : start + _SCAN_BLOCK]  # (q, b)
+        ids = np.broadcast_to(np.arange(start, start + block.shape[0]), scores.shape)
+        for side, sign in enumerate((1.0, -1.0)):
+            kept_scores, kept_ids = ends[side]
+            ends[side] = _keep_topk(np.concatenate([kept_scores, sign * scores], 1), np.concatenate([kept_ids, ids], 1), k)
+    result = []
+    for sign, (scores, ids) in zip((1.0, -1.0), ends):
+        order = np.lexsort((ids, -scores), axis=-1)
+        result.append(((sign * np.take_along_axis(scores, order, 1)).astype(np.float32), np.take_along_axis(ids, order, 1)))
+    return result[0], result[1]
 
 
 def search_index(
@@ -54,18 +99,20 @@ def search_index(
 
 
 def search_both_signs(
-    index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None = None
+    index: Union[faiss.Index, SketchStore], queries: np.ndarray, k: int, nprobe: int | None = None
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """The k highest and the k lowest inner products of each query: the candidates of both signs.
 
-    A flat inner-product index is read once for both (one matrix-vector pass over the stored rows and a
-    partial sort at each end): the scan is bound by memory bandwidth, and FAISS would read the rows once
-    for q and again for -q. Other indexes are searched for q and for -q.
+    The sketch store and a flat inner-product index are read once for both (one matrix-vector pass over the
+    stored rows and a partial sort at each end): the scan is bound by memory bandwidth, and FAISS would read
+    the rows once for q and again for -q. Other indexes are searched for q and for -q.
 
     Returns:
         ((scores, ids) highest first, (scores, ids) lowest first): float32 (q, k) and int64 (q, k);
         the scores are the inner products with q (the lowest are negative), ids as in `search_index`.
     """
+    if isinstance(index, SketchStore):
+        return scan_both_signs(index, queries, k)
     queries = _as_queries(queries, index.d)
     flat = faiss.downcast_index(index)
     if not (isinstance(flat, faiss.IndexFlat) and flat.metric_type == faiss.METRIC_INNER_PRODUCT):

@@ -1,8 +1,8 @@
-"""The merged sketch store: shards in, one FAISS inner-product index and its doc table out.
+"""The merged sketch store: shards in; a float16 sketch store, its doc table and optionally a FAISS index out.
 
-`merge_sketch_shards` streams the shards' memory-mapped sketches block by block into a FAISS index
-built from a factory string (ids 0..N-1 in shard order) and writes `docs.parquet`, the shards' rows
-with an `index_id` column aligned to those ids. The build is deterministic: identical shards and
+`merge_sketch_shards` streams the shards' memory-mapped sketches block by block into `sketches.npy` (float16,
+scaled per row) and, given a factory string, a FAISS index (ids 0..N-1 in shard order), and writes
+`docs.parquet`, the shards' rows with an `index_id` column aligned to those ids. The build is deterministic: identical shards and
 seed give byte-identical files, whatever the number of shards they were split into.
 """
 
@@ -21,19 +21,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from indexes.constants import DOCS_NAME, FACTORY_EXAMPLES, INDEX_ID, INDEX_META_NAME, INDEX_NAME, SEQ_ID, SKETCH_SHARD_NAME
-from indexes.search import exact_topk, search_index
+from indexes.constants import DOCS_NAME, FACTORY_EXAMPLES, INDEX_ID, INDEX_META_NAME, INDEX_NAME, NO_FACTORY, SCALE, SEQ_ID, STORE_NAME
+from indexes.search import SketchStore
 from indexes.shards import (
     check_sketches,
     duplicate_values,
-    finished_shards,
-    iterate_shard_sketches,
     load_shard_rows,
     load_shard_sketches,
     require_all_shards,
-    sketch_shard_exists,
     sketch_shard_path,
-    write_sketch_shard,
 )
 from influence.artifacts import atomic_path, read_json, require_same, write_json, write_parquet
 from influence.errors import InfluenceError
@@ -44,32 +40,38 @@ LOG = logging.getLogger(__name__)
 def index_exists(index_dir: Path) -> bool:
     """Whether `merge_sketch_shards` finished in `index_dir` (its metadata is written last)."""
     index_dir = Path(index_dir)
-    return all((index_dir / name).is_file() for name in (INDEX_META_NAME, INDEX_NAME, DOCS_NAME))
+    if not all((index_dir / name).is_file() for name in (INDEX_META_NAME, STORE_NAME, DOCS_NAME)):
+        return False
+    return read_json(index_dir / INDEX_META_NAME).get("factory") == NO_FACTORY or (index_dir / INDEX_NAME).is_file()
 
 
 def merge_sketch_shards(
     index_dir: Path,
     num_shards: int,
-    factory: str = "Flat",
+    factory: str = NO_FACTORY,
     train_size: int = 50_000,
     seed: int = 0,
     block_size: int = 8192,
     progress: bool = True,
 ) -> Path:
-    """Build `index.faiss` and `docs.parquet` from all finished shards of `index_dir`.
+    """Build the sketch store (`sketches.npy`), `docs.parquet` and, with a factory, `index.faiss` from all shards.
+
+    The store holds every sketch as float16, divided by its scale ||x|| / sqrt(d) (kept in the doc table's
+    `sketch_scale`), so entries are of order one whatever the model's gradients are: float16 neither overflows nor
+    loses the small ones, and rounding costs a relative 5e-4 of a score, far below the sketch's own noise.
 
     Args:
         index_dir: The directory holding the sketch shards; the outputs are written beside them.
         num_shards: How many shards were written; all must be finished.
-        factory: A FAISS index_factory string, built with METRIC_INNER_PRODUCT, e.g. "Flat" (exact),
-            "IVF64,Flat", "HNSW32", "IVF64,PQ16".
+        factory: "none" (the store is scanned exactly), or a FAISS index_factory string built with
+            METRIC_INNER_PRODUCT over the float32 sketches, e.g. "Flat", "IVF64,Flat", "HNSW32", "IVF64,PQ16".
         train_size: Most rows sampled (seeded, without replacement) to train IVF/PQ factories.
         seed: Seed of the training sample.
-        block_size: Rows added to the index per call: bounds the RAM used beyond the index itself.
+        block_size: Rows written per step: bounds the RAM used beyond the index itself.
         progress: Show a tqdm bar over the rows added.
 
     Returns:
-        The path of `index.faiss`.
+        The index directory.
     """
     start_time = time.perf_counter()
     index_dir = Path(index_dir)
@@ -90,30 +92,26 @@ def merge_sketch_shards(
     if total == 0:
         raise InfluenceError(f"the {num_shards} sketch shards in {index_dir} hold no rows; check that the corpus is not empty")
 
-    index = _create_index(dim, factory)
+    scales = _write_store(index_dir, num_shards, total, dim, block_size, progress)
     num_train = 0
-    with _deterministic_threads(index, factory):
-        if not index.is_trained:
-            sample = _sample_rows(index_dir, num_shards, sizes, train_size, seed)  # (num_train, d)
-            check_sketches(sample, where=f"the training sample of {index_dir}")
-            num_train = _train_index(index, factory, sample)
-        with tqdm(total=total, unit="rows", desc="merge sketches", disable=not progress) as bar:
+    if factory != NO_FACTORY:
+        index = _create_index(dim, factory)
+        with _deterministic_threads(index, factory):
+            if not index.is_trained:
+                sample = _sample_rows(index_dir, num_shards, sizes, train_size, seed)  # (num_train, d)
+                check_sketches(sample, where=f"the training sample of {index_dir}")
+                num_train = _train_index(index, factory, sample)
             for shard in range(num_shards):
                 sketches = load_shard_sketches(index_dir, shard, num_shards)  # (n_shard, d) memmap
                 for start in range(0, sketches.shape[0], block_size):
-                    block = np.ascontiguousarray(sketches[start : start + block_size])  # (<= block_size, d)
-                    check_sketches(block, where=str(sketch_shard_path(index_dir, shard, num_shards)))
                     # Plain add assigns sequential ids ntotal.., i.e. the global row offset in shard order,
                     # and works for every index type (HNSW has no add_with_ids).
-                    index.add(block)
-                    bar.update(block.shape[0])
-    assert index.ntotal == total, (index.ntotal, total)
-
-    index_path = index_dir / INDEX_NAME
-    with atomic_path(index_path) as tmp:
-        faiss.write_index(index, str(tmp))
+                    index.add(np.ascontiguousarray(sketches[start : start + block_size]))
+        assert index.ntotal == total, (index.ntotal, total)
+        with atomic_path(index_dir / INDEX_NAME) as tmp:
+            faiss.write_index(index, str(tmp))
     docs = pa.concat_tables(tables)
-    docs = docs.add_column(0, INDEX_ID, pa.array(np.arange(total, dtype=np.int64)))
+    docs = docs.add_column(0, INDEX_ID, pa.array(np.arange(total, dtype=np.int64))).append_column(SCALE, pa.array(scales))
     # One chunk per column so the Parquet bytes depend on the rows only, not on how they were sharded.
     write_parquet(index_dir / DOCS_NAME, docs.combine_chunks())
     meta = {
@@ -123,21 +121,60 @@ def merge_sketch_shards(
         "ntotal": total,
         "num_shards": num_shards,
         "shard_rows": sizes,
+        "store_dtype": "float16",
         "train_size": train_size,
         "num_train": num_train,
         "seed": seed,
         "faiss_version": faiss.__version__,
     }
     write_json(index_dir / INDEX_META_NAME, meta)
-    LOG.info(
-        "merged %d sketches (dim %d) from %d shards into %s with '%s' in %.1fs",
-        total, dim, num_shards, index_path, factory, time.perf_counter() - start_time,
-    )
-    return index_path
+    LOG.info("merged %d sketches (dim %d) from %d shards into %s (factory '%s') in %.1fs",
+             total, dim, num_shards, index_dir, factory, time.perf_counter() - start_time)
+    return index_dir
+
+
+def _write_store(index_dir: Path, num_shards: int, total: int, dim: int, block_size: int, progress: bool) -> np.ndarray:
+    """Every shard's sketches, scaled to unit RMS per row, into one float16 (total, dim) file; returns the scales."""
+    scales = np.empty(total, dtype=np.float32)
+    with atomic_path(index_dir / STORE_NAME) as tmp:
+        store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, dim))
+        offset = 0
+        with tqdm(total=total, unit="rows", desc="merge sketches", disable=not progress) as bar:
+            for shard in range(num_shards):
+                sketches = load_shard_sketches(index_dir, shard, num_shards)  # (n_shard, d) memmap
+                for start in range(0, sketches.shape[0], block_size):
+                    block = np.asarray(sketches[start : start + block_size], dtype=np.float32)  # (<= block_size, d)
+                    check_sketches(block, where=str(sketch_shard_path(index_dir, shard, num_shards)))
+                    scale = np.sqrt(np.mean(np.square(block, dtype=np.float64), axis=1)).astype(np.float32)
+                    scale[scale == 0] = 1.0
+                    store[offset : offset + len(block)] = block / scale[:, None]
+                    scales[offset : offset + len(block)] = scale
+                    offset += len(block)
+                    bar.update(len(block))
+        store.flush()
+        del store
+    return scales
+
+
+def load_sketch_store(index_dir: Path) -> SketchStore:
+    """The float16 sketch store, memory-mapped (read-only), with each row's scale: an exact-scan search tier."""
+    index_dir = Path(index_dir)
+    meta = _read_meta(index_dir)
+    try:
+        rows = np.load(index_dir / STORE_NAME, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InfluenceError(f"{index_dir / STORE_NAME} is not a readable sketch store ({exc}); rebuild the index") from exc
+    if rows.dtype != np.float16 or rows.shape != (meta["ntotal"], meta["dim"]):
+        raise InfluenceError(f"{index_dir / STORE_NAME} holds {rows.dtype} {rows.shape}, not float16 ({meta['ntotal']}, "
+                             f"{meta['dim']}); rebuild the index")
+    docs = load_doc_table(index_dir)
+    if SCALE not in docs.column_names:
+        raise InfluenceError(f"{index_dir / DOCS_NAME} has no {SCALE} column: it was written by another version; rebuild the index")
+    return SketchStore(rows, docs[SCALE].to_numpy())
 
 
 def load_index(index_dir: Path, mmap: bool = True) -> faiss.Index:
-    """Read `index.faiss`, memory-mapped and read-only where the index type allows it.
+    """Read `index.faiss` (an index built with a factory), memory-mapped and read-only where the index type allows it.
 
     Args:
         index_dir: A directory written by `merge_sketch_shards`.

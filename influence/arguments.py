@@ -3,6 +3,7 @@ beside the stage's output, and a re-run whose arguments differ from the saved on
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
@@ -10,9 +11,9 @@ import torch
 
 from influence.constants import STRATEGIES
 from influence.errors import InfluenceError
+from influence.models import DTYPES, check_device
 
-SKETCHES = ("srht", "kronecker", "eigen")
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SKETCHES = ("hashed",)
 
 
 def _help(text: str, default: Any) -> Any:
@@ -36,6 +37,9 @@ class StageArgs:
             raise InfluenceError(f"unknown {cls.__name__} fields {sorted(unknown)}; valid fields are {sorted(known)}")
         return cls(**data)
 
+    def replace(self, **changes: Any):
+        return type(self).from_dict({**self.to_dict(), **changes})
+
     def artifact_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_ONLY}
 
@@ -54,17 +58,38 @@ class StageArgs:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]  # type: ignore[attr-defined]
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of factors and sketches: float64 when the model runs in float64, else float32."""
+        return torch.float64 if self.dtype == "float64" else torch.float32  # type: ignore[attr-defined]
 
-def _check_dtype(dtype: str) -> None:
+
+def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise InfluenceError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
 
 
-def _check_positive(name: str, value: Optional[float], allow_none: bool = False) -> None:
+def check_positive(name: str, value: Optional[float], allow_none: bool = False) -> None:
+    """A finite number > 0 (NaN and inf are not: `nan <= 0` is False, so a plain comparison lets them through)."""
     if value is None and allow_none:
         return
-    if value is None or value <= 0:
-        raise InfluenceError(f"{name} must be positive, got {value!r}; pass a number > 0")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InfluenceError(f"{name} must be a finite number > 0, got {value!r}; pass a number > 0")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InfluenceError(f"{name} must be a positive integer, got {value!r}; pass 1 or more")
+
+
+def _check_runtime(args: Any) -> None:
+    check_dtype(args.dtype)
+    check_device(args.device)
+    check_positive_int("batch_tokens", args.batch_tokens)
+
+
+BATCH_TOKENS_HELP = ("padded tokens per forward/backward pass: sequences are sorted by length and packed up to this "
+                     "(a longer sequence goes alone)")
 
 
 @dataclass
@@ -75,7 +100,7 @@ class CorpusArgs(StageArgs):
     into consecutive, non-overlapping chunks of at most `max_length` tokens ("chunk"), or only its
     first `max_length` tokens are kept ("truncate"). Every chunk keeps its document's id, source and
     language, plus its chunk number; chunks shorter than `min_tokens` are dropped (a sequence needs
-    two tokens to have a next-token loss).
+    two tokens to have a next-token loss), and the stage says how many.
     """
 
     max_length: int = _help("tokens per sequence; longer documents are chunked or truncated", 512)
@@ -86,9 +111,10 @@ class CorpusArgs(StageArgs):
     def __post_init__(self) -> None:
         if self.policy not in ("chunk", "truncate"):
             raise InfluenceError(f"policy must be 'chunk' or 'truncate', got {self.policy!r}")
+        check_positive_int("max_length", self.max_length)
         if self.max_length < 2:
             raise InfluenceError(f"max_length must be at least 2 tokens, got {self.max_length}")
-        if not 2 <= self.min_tokens <= self.max_length:
+        if not isinstance(self.min_tokens, int) or not 2 <= self.min_tokens <= self.max_length:
             raise InfluenceError(f"min_tokens must lie in [2, max_length={self.max_length}], got {self.min_tokens}")
 
 
@@ -96,17 +122,18 @@ class CorpusArgs(StageArgs):
 class FactorArgs(StageArgs):
     """EK-FAC curvature fit (Grosse et al. 2023, section 2.2)."""
 
-    RUNTIME_ONLY = ("batch_size", "device", "progress")
+    RUNTIME_ONLY = ("batch_tokens", "device", "progress", "keep_shards")
 
     strategy: str = _help("identity | diagonal | kfac | ekfac", "ekfac")
     fisher: str = _help("'true': labels sampled from the model (the paper); 'empirical': real labels", "true")
     module_pattern: Optional[str] = _help("regex over module names; default: the MLP linear layers", None)
     damping: Optional[float] = _help("fixed damping; default: damping_scale x mean eigenvalue per module", None)
     damping_scale: float = _help("the heuristic damping's multiple of the mean eigenvalue", 0.1)
-    dtype: str = _help("dtype of the model and the factors", "float32")
+    dtype: str = _help("dtype of the model while fitting (factors are float32, or float64 with a float64 model)", "float32")
     seed: int = _help("seed for the sampled labels of the true Fisher", 0)
-    batch_size: int = _help("sequences per forward/backward pass", 8)
-    device: str = _help("torch device", "cpu")
+    batch_tokens: int = _help(BATCH_TOKENS_HELP, 4096)
+    keep_shards: bool = _help("keep the pass shards and pass 1's eigenvectors after the fit (they are removed by default)", False)
+    device: str = _help("torch device: cpu, cuda, cuda:N", "cpu")
     progress: bool = _help("show progress bars", True)
 
     def __post_init__(self) -> None:
@@ -114,77 +141,71 @@ class FactorArgs(StageArgs):
             raise InfluenceError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.fisher not in ("true", "empirical"):
             raise InfluenceError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
-        _check_dtype(self.dtype)
-        _check_positive("damping", self.damping, allow_none=True)
-        _check_positive("damping_scale", self.damping_scale)
-        _check_positive("batch_size", self.batch_size)
+        check_positive("damping", self.damping, allow_none=True)
+        check_positive("damping_scale", self.damping_scale)
+        _check_runtime(self)
 
 
 @dataclass
 class ScoreArgs(StageArgs):
     """Exact influence scores of a batch of queries against every training sequence."""
 
-    RUNTIME_ONLY = ("batch_size", "device", "progress")
+    RUNTIME_ONLY = ("batch_tokens", "device", "progress")
 
     query_rank: Optional[int] = _help("rank-r SVD compression of each preconditioned query gradient (paper, sec. 3.2)", None)
     per_module: bool = _help("also return each module's share of the score", True)
     per_token: bool = _help("also return each training token's contribution (slower)", False)
     dtype: str = _help("dtype of the model during scoring", "float32")
-    batch_size: int = _help("training sequences per forward/backward pass", 8)
-    device: str = _help("torch device", "cpu")
+    batch_tokens: int = _help(BATCH_TOKENS_HELP, 4096)
+    device: str = _help("torch device: cpu, cuda, cuda:N", "cpu")
     progress: bool = _help("show progress bars", True)
 
     def __post_init__(self) -> None:
-        _check_dtype(self.dtype)
-        _check_positive("batch_size", self.batch_size)
-        if self.query_rank is not None and self.query_rank < 1:
-            raise InfluenceError(f"query_rank must be >= 1 or None, got {self.query_rank}")
-
-
-def float64_preset(args: StageArgs) -> StageArgs:
-    """The same arguments in float64: what the oracle tests use."""
-    return type(args).from_dict({**args.to_dict(), "dtype": "float64", "progress": False})
+        _check_runtime(self)
+        if self.query_rank is not None:
+            check_positive_int("query_rank", self.query_rank)
 
 
 @dataclass
 class IndexArgs(StageArgs):
     """Gradient-sketch index over a corpus (DESIGN.md, "The index")."""
 
-    RUNTIME_ONLY = ("batch_size", "device", "progress", "workers")
+    RUNTIME_ONLY = ("batch_tokens", "device", "progress", "keep_shards")
 
-    sketch: str = _help("'srht': a subsampled randomised Hadamard transform per module; 'kronecker': a seeded Gaussian "
-                        "R_out W R_in^T per module; 'eigen': the k x k EK-FAC eigen-coordinates of largest Lambda/(Lambda+damping) "
-                        "(benchmarks/query_latency.py compares them)", "srht")
-    sketch_size: int = _help("k: each module's whitened gradient is sketched to k x k numbers (4 k^2 bytes per module "
-                             "and document in a Flat index)", 32)
-    seed: int = _help("seed of the random projections (derived per module; 'srht' and 'kronecker')", 0)
-    factory: str = _help("FAISS index_factory string: Flat (exact), IVF256,Flat, HNSW32, IVF256,PQ32 ...", "Flat")
+    sketch_dim: int = _help("numbers per document, shared by every tracked module however deep the model is: the "
+                            "EK-FAC-whitened gradients of all modules are hashed (count sketch) into one vector of this size, "
+                            "stored as float16 (2 bytes each)", 2048)
+    sketch: str = _help("sketch method: 'hashed' (count sketch of the whitened gradient, seeded per module)", "hashed")
+    seed: int = _help("seed of the hash functions (derived per module)", 0)
+    factory: str = _help("FAISS index_factory string for a search index over the sketches, or 'none' to scan the float16 "
+                         "sketch store exactly (Flat, IVF256,Flat, HNSW32, IVF256,PQ32 ...)", "none")
     train_size: int = _help("rows sampled to train IVF/PQ indexes", 50_000)
-    shard_size: int = _help("sequences per resumable shard", 1024)
+    shard_size: int = _help("sequences per resumable shard", 256)
+    keep_shards: bool = _help("keep the per-shard sketch files after the merge (they double the disk use)", False)
     dtype: str = _help("dtype of the model while sketching", "float32")
-    batch_size: int = _help("sequences per forward/backward pass", 8)
-    workers: int = _help("Ray actors holding a model each (index and fit jobs)", 2)
-    device: str = _help("torch device", "cpu")
+    batch_tokens: int = _help(BATCH_TOKENS_HELP, 4096)
+    device: str = _help("torch device: cpu, cuda, cuda:N", "cpu")
     progress: bool = _help("show progress bars", True)
 
     def __post_init__(self) -> None:
-        _check_dtype(self.dtype)
         if self.sketch not in SKETCHES:
             raise InfluenceError(f"unknown sketch {self.sketch!r}; choose one of {', '.join(SKETCHES)}")
-        for name in ("sketch_size", "train_size", "shard_size", "batch_size", "workers"):
-            if getattr(self, name) < 1:
-                raise InfluenceError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("sketch_dim", "train_size", "shard_size"):
+            check_positive_int(name, getattr(self, name))
+        if not self.factory or not self.factory.strip():
+            raise InfluenceError("factory must be a FAISS factory string or 'none'; pass e.g. --factory none")
+        _check_runtime(self)
 
 
 @dataclass
 class QueryArgs(StageArgs):
     """One query against an index: candidates from a generator, then an exact EK-FAC re-rank."""
 
-    RUNTIME_ONLY = ("batch_size", "device", "progress")
+    RUNTIME_ONLY = ("batch_tokens", "device", "progress")
 
     top_k: int = _help("documents returned per sign (most positive and most negative)", 10)
     candidates: int = _help("most candidates re-ranked exactly per sign", 200)
-    generator: str = _help("candidate generator: 'index' (FAISS over sketches), 'bm25' (text), 'exact' (full scan)", "index")
+    generator: str = _help("candidate generator: 'index' (search over sketches), 'bm25' (text), 'exact' (full scan)", "index")
     rerank: bool = _help("score the candidates exactly (EK-FAC) with per-layer and per-token breakdowns; off: return the top "
                          "sketch scores (index generator only), an estimate without breakdowns, in the time of a search", True)
     adaptive: bool = _help("re-rank index candidates best-first and stop a sign once none left can plausibly enter its top k "
@@ -193,22 +214,24 @@ class QueryArgs(StageArgs):
     nprobe: Optional[int] = _help("IVF lists visited per search (IVF indexes only)", None)
     per_token: bool = _help("compute per-token influence inside the returned documents", True)
     dtype: str = _help("dtype of the model while querying", "float32")
-    batch_size: int = _help("candidates per forward/backward pass in the re-rank", 16)
-    device: str = _help("torch device", "cpu")
+    batch_tokens: int = _help(BATCH_TOKENS_HELP, 4096)
+    device: str = _help("torch device: cpu, cuda, cuda:N", "cpu")
     progress: bool = _help("show progress bars", False)
 
     def __post_init__(self) -> None:
-        _check_dtype(self.dtype)
         if self.generator not in ("index", "bm25", "exact"):
             raise InfluenceError(f"unknown candidate generator {self.generator!r}; choose index, bm25 or exact")
-        for name in ("top_k", "candidates", "batch_size"):
-            if getattr(self, name) < 1:
-                raise InfluenceError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("top_k", "candidates"):
+            check_positive_int(name, getattr(self, name))
+        if self.nprobe is not None:
+            check_positive_int("nprobe", self.nprobe)
         if not self.rerank and self.generator != "index":
             raise InfluenceError(f"without the re-rank documents are ranked by sketch scores, which the {self.generator!r} generator "
                                  "does not give; use --generator index or keep the re-rank")
-        if not self.stop_margin >= 0:
+        if isinstance(self.stop_margin, bool) or not isinstance(self.stop_margin, (int, float)) or not math.isfinite(self.stop_margin) \
+                or self.stop_margin < 0:
             raise InfluenceError(f"stop_margin must be a non-negative number of standard deviations, got {self.stop_margin}; "
                                  "pass 0 or more (default 2; larger re-ranks more candidates)")
         if self.candidates < self.top_k:
             raise InfluenceError(f"candidates ({self.candidates}) must be at least top_k ({self.top_k})")
+        _check_runtime(self)

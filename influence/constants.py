@@ -2,14 +2,15 @@
 
 MANIFEST_NAME = "manifest.json"
 ARGS_NAME = "args.json"
+LOCK_NAME = ".lock"
 
 # corpus stage
 SEQUENCES_NAME = "sequences.parquet"
-SEQUENCE_COLUMNS = ("seq_id", "doc_id", "chunk", "source", "lang", "input_ids", "num_tokens", "text")
 
-# fit stage
+# fit stage: shards and the eigenvectors are intermediate (kept while the fit can resume, removed once it is done)
 COVARIANCE_SHARD_NAME = "covariance_shard_{shard:05d}_of_{num_shards:05d}.safetensors"
 EIGENVALUE_SHARD_NAME = "eigenvalue_shard_{shard:05d}_of_{num_shards:05d}.safetensors"
+EIGENVECTORS_NAME = "eigenvectors.safetensors"
 FACTORS_NAME = "factors.safetensors"
 
 # safetensors keys, per module: f"{module}{SUFFIX}"
@@ -18,15 +19,20 @@ GRADIENT_SUM = ".gradient_sum"              # sum_t s_t s_t^T          (d_out, d
 EIGENVALUE_SUM = ".eigenvalue_sum"          # sum_n (Q_S^T G_n Q_A)^2  (d_out, d_in)
 ACTIVATION_EIGENVECTORS = ".activation_eigenvectors"  # Q_A
 GRADIENT_EIGENVECTORS = ".gradient_eigenvectors"      # Q_S
+ACTIVATION_EIGENVALUES = ".activation_eigenvalues"    # l_A
+GRADIENT_EIGENVALUES = ".gradient_eigenvalues"        # l_S
 EIGENVALUES = ".eigenvalues"                # Lambda (strategy-specific)
 DAMPING = ".damping"                        # scalar
-
-# counters stored once per file
-NUM_TOKENS = "num_tokens"                   # tokens seen by the activation covariance
-NUM_LOSS_TOKENS = "num_loss_tokens"         # tokens with a (sampled or real) label
-NUM_SEQUENCES = "num_sequences"
+COUNTS = "counts"                           # tokens, labelled tokens, sequences (float64)
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 
-# score stage
-SCORES_NAME = "scores.parquet"
+# The files each kind of artifact may hold (glob patterns): an output directory holding anything else is refused.
+ARTIFACT_FILES = {
+    "corpus": (MANIFEST_NAME, ARGS_NAME, SEQUENCES_NAME, "corpus"),
+    "factors": (MANIFEST_NAME, ARGS_NAME, FACTORS_NAME, EIGENVECTORS_NAME, "covariance_shard_*", "eigenvalue_shard_*", "corpus"),
+    "index": (MANIFEST_NAME, ARGS_NAME, "index.faiss", "docs.parquet", "index.json", "sketches.npy", "sketch_shard_*"),
+    "query": ("results.json", "results.parquet", "report.html"),
+    "compare": ("top_k.*", "overlap.*", "*_vs_size.png", "summary.json"),
+    "audit": ("outliers*", "by_source.*", "by_lang.*", "dominant.*", "self_influence.png", "summary.json", "report.html"),
+}

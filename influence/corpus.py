@@ -1,7 +1,8 @@
 """Corpus stage: documents (Parquet, JSONL or a `datasets` folder) -> tokenised sequences (Parquet).
 
 Documents have a required `text` column and optional `doc_id`, `source` and `lang` columns, carried
-through to every sequence cut from them. The chunking policy is `CorpusArgs`'s docstring.
+through to every sequence cut from them. The chunking policy is `CorpusArgs`'s docstring. Every value is
+checked where it is read, so a bad row is named by file and row number, never met as a traceback later.
 """
 
 from __future__ import annotations
@@ -9,25 +10,62 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from influence.arguments import CorpusArgs
-from influence.artifacts import read_manifest, write_manifest, write_parquet, write_json
-from influence.constants import ARGS_NAME, SEQUENCES_NAME
+from influence.artifacts import prepare_output, read_manifest, write_json, write_manifest, write_parquet
+from influence.constants import ARGS_NAME, MANIFEST_NAME, SEQUENCES_NAME
 from influence.errors import InfluenceError
-from influence.models import fingerprint_model, load_tokenizer
+from influence.models import load_tokenizer, require_model_dir
 
 LOG = logging.getLogger(__name__)
 DOCUMENT_COLUMNS = ("doc_id", "text", "source", "lang")
+DOCUMENT_SUFFIXES = (".parquet", ".jsonl", ".json")
+SEQUENCES_SCHEMA = pa.schema([
+    ("seq_id", pa.int64()), ("doc_id", pa.string()), ("chunk", pa.int32()), ("source", pa.string()),
+    ("lang", pa.string()), ("input_ids", pa.list_(pa.int32())), ("num_tokens", pa.int32()), ("text", pa.string()),
+])
 
 
-def _read_jsonl(path: Path) -> pa.Table:
+def document_files(path: Path) -> list[Path]:
+    """The files a documents path stands for: itself, or a folder's .parquet/.jsonl files or `datasets` arrow files."""
+    if not path.exists():
+        raise InfluenceError(f"documents {path} does not exist; pass a .parquet or .jsonl file, or a folder of them")
+    if path.is_file():
+        if path.suffix not in DOCUMENT_SUFFIXES:
+            raise InfluenceError(f"unknown corpus format {path.suffix!r} for {path}; use .parquet, .jsonl or a datasets folder")
+        return [path]
+    if (path / "state.json").is_file() or (path / "dataset_info.json").is_file():
+        files = sorted(path.glob("*.arrow"))
+        if not files:
+            raise InfluenceError(f"the datasets folder {path} holds no .arrow files; save it again with Dataset.save_to_disk")
+        return files
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in DOCUMENT_SUFFIXES)
+    if not files:
+        raise InfluenceError(f"{path} has no .parquet or .jsonl files and is not a datasets folder; point to a folder of documents")
+    return files
+
+
+def fingerprint_documents(path: Path | str) -> str:
+    """A content hash of the documents' files: a corpus records it, and refuses to be reused once they change."""
+    digest = hashlib.blake2b(digest_size=16)
+    for file in document_files(Path(path)):
+        digest.update(file.name.encode() + b"\x00")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
     rows = []
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
@@ -39,71 +77,32 @@ def _read_jsonl(path: Path) -> pa.Table:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InfluenceError(f"{path}:{line_number} is not valid JSON ({exc.msg}); fix or remove that line") from exc
+            except (json.JSONDecodeError, RecursionError) as exc:
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise InfluenceError(f"{path}:{line_number} is not valid JSON ({reason}); fix or remove that line") from exc
             if not isinstance(row, dict):
                 raise InfluenceError(f"{path}:{line_number} is not a JSON object; each line must be {{\"text\": ...}}")
-            rows.append(row)
-    if not rows:
-        raise InfluenceError(f"{path} holds no documents; add lines like {{\"text\": \"...\"}}")
-    return pa.Table.from_pylist(rows)
+            rows.append({"__line__": f"{path}:{line_number}", **row})
+    return rows
 
 
-def _read_table(path: Path) -> pa.Table:
-    if not path.exists():
-        raise InfluenceError(f"corpus {path} does not exist; pass a .parquet, .jsonl or datasets folder")
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            import datasets
-
-            try:
-                return datasets.load_from_disk(str(path)).data.table
-            except Exception as exc:
-                raise InfluenceError(f"cannot read the datasets folder {path} ({exc}); save it again with Dataset.save_to_disk") from exc
-        files = sorted(path.glob("*.parquet")) + sorted(path.glob("*.jsonl"))
-        if not files:
-            raise InfluenceError(f"{path} has no .parquet or .jsonl files and is not a datasets folder; point to a folder of documents")
-        return pa.concat_tables([_read_table(f) for f in files], promote_options="default")
-    if path.suffix in (".jsonl", ".json"):
-        return _read_jsonl(path)
-    if path.suffix == ".parquet":
-        try:
-            return pq.read_table(path)
-        except Exception as exc:
-            raise InfluenceError(f"{path} is not a readable Parquet file ({exc}); re-export it") from exc
-    raise InfluenceError(f"unknown corpus format {path.suffix!r} for {path}; use .parquet, .jsonl or a datasets folder")
-
-
-def load_documents(path: Path | str) -> pa.Table:
-    """Read documents and normalise them to the columns (doc_id, text, source, lang), all strings.
-
-    Raises:
-        InfluenceError: no documents, no `text` column, a row without text, or duplicate doc ids.
-    """
-    path = Path(path)
-    table = _read_table(path)
-    if table.num_rows == 0:
-        raise InfluenceError(f"corpus {path} is empty; it needs at least one document")
-    if "text" not in table.column_names:
+def _read_columnar(path: Path) -> list[dict]:
+    try:
+        if path.suffix == ".arrow":
+            with pa.memory_map(str(path)) as source:
+                try:
+                    table = pa.ipc.open_stream(source).read_all()
+                except pa.ArrowInvalid:
+                    table = pa.ipc.open_file(source).read_all()
+        else:
+            table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise InfluenceError(f"{path} is not a readable {'Arrow' if path.suffix == '.arrow' else 'Parquet'} file ({exc}); re-export it") from exc
+    if table.num_rows and "text" not in table.column_names:
         raise InfluenceError(f"corpus {path} has no 'text' column (columns: {table.column_names}); rename the text column to 'text'")
-    texts = _column_values(table, "text", path)
-    for row, text in enumerate(texts):
-        if isinstance(text, bytes):
-            raise InfluenceError(f"corpus {path} row {row} holds bytes, not text; store the 'text' column as UTF-8 strings")
-        if not isinstance(text, str) or not text.strip():
-            raise InfluenceError(f"corpus {path} row {row} has no text ({text!r}); drop the row or fill it in")
-    n = table.num_rows
-    doc_ids = [str(v) for v in _column_values(table, "doc_id", path)] if "doc_id" in table.column_names else [str(i) for i in range(n)]
-    if len(set(doc_ids)) != n:
-        duplicate = next(d for i, d in enumerate(doc_ids) if d in doc_ids[:i])
-        raise InfluenceError(f"corpus {path} has duplicate doc_id {duplicate!r}; doc ids must be unique")
-
-    def optional(name: str, default: str) -> list[str]:
-        if name not in table.column_names:
-            return [default] * n
-        return [default if v is None else str(v) for v in _column_values(table, name, path)]
-
-    return pa.table({"doc_id": doc_ids, "text": texts, "source": optional("source", path.stem), "lang": optional("lang", "und")})
+    names = [n for n in table.column_names if n in DOCUMENT_COLUMNS]
+    columns = {name: _column_values(table, name, path) for name in names}
+    return [{"__line__": f"{path} row {i}", **{name: columns[name][i] for name in names}} for i in range(table.num_rows)]
 
 
 def _column_values(table: pa.Table, name: str, path: Path) -> list:
@@ -118,6 +117,72 @@ def _column_values(table: pa.Table, name: str, path: Path) -> list:
             except UnicodeDecodeError:
                 raise InfluenceError(f"corpus {path} row {row}: '{name}' is not UTF-8 ({exc.reason}); re-encode the file as UTF-8") from exc
         raise
+
+
+def _as_text(value, where: str, name: str, required: bool) -> str | None:
+    """A document field as a string: text must be a non-empty string; ids, sources and languages may be numbers."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        if required:
+            raise InfluenceError(f"{where} has no {name} ({value!r}); drop the row or fill it in")
+        return None
+    if isinstance(value, bytes):
+        raise InfluenceError(f"{where}: '{name}' holds bytes, not text; store it as UTF-8 strings")
+    if name == "text" and not isinstance(value, str):
+        raise InfluenceError(f"{where}: 'text' is a {type(value).__name__} ({str(value)[:40]!r}), not a string; "
+                             "store the text as a string")
+    if isinstance(value, (dict, list)):
+        raise InfluenceError(f"{where}: '{name}' is a {type(value).__name__}, not a single value; flatten it to a string")
+    text = value if isinstance(value, str) else str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InfluenceError(f"{where}: '{name}' holds a lone surrogate ({exc.object[exc.start:exc.end]!r}), which is not "
+                             "valid Unicode; fix the JSON escape (\\ud83d alone is half of a character)") from exc
+    if name == "text" and not text.strip():
+        raise InfluenceError(f"{where} has no text ({value!r}); drop the row or fill it in")
+    return text
+
+
+def load_documents(path: Path | str) -> pa.Table:
+    """Read documents and normalise them to the columns (doc_id, text, source, lang), all strings.
+
+    Raises:
+        InfluenceError: no documents, no `text` column, a row without text, a value of the wrong kind, a null or
+            duplicate doc id.
+    """
+    path = Path(path)
+    files = document_files(path)
+    rows: list[dict] = []
+    for file in files:
+        found = _read_jsonl(file) if file.suffix in (".jsonl", ".json") else _read_columnar(file)
+        if found and not any("text" in r for r in found):
+            columns = sorted({k for r in found for k in r if k != "__line__"})
+            raise InfluenceError(f"corpus {file} has no 'text' column (columns: {columns}); rename the text column to 'text'")
+        rows += [(file, i, r) for i, r in enumerate(found)]
+    if not rows:
+        what = "holds no documents; add lines like {\"text\": \"...\"}" if files[0].suffix in (".jsonl", ".json") else \
+            "is empty; it needs at least one document"
+        raise InfluenceError(f"corpus {path} {what}")
+    columns: dict[str, list] = {name: [] for name in DOCUMENT_COLUMNS}
+    for file, i, row in rows:
+        where = row["__line__"]
+        columns["text"].append(_as_text(row.get("text"), where, "text", required=True))
+        if "doc_id" in row:
+            doc_id = _as_text(row["doc_id"], where, "doc_id", required=False)
+            if doc_id is None:
+                raise InfluenceError(f"{where} has a null doc_id; give every document an id, or drop the doc_id column")
+        else:  # unique across a folder's files too
+            doc_id = str(i) if len(files) == 1 else f"{file.stem}:{i}"
+        columns["doc_id"].append(doc_id)
+        columns["source"].append(_as_text(row.get("source"), where, "source", required=False) or file.stem)
+        columns["lang"].append(_as_text(row.get("lang"), where, "lang", required=False) or "und")
+    seen: dict[str, int] = {}
+    for i, doc_id in enumerate(columns["doc_id"]):
+        if doc_id in seen:
+            raise InfluenceError(f"corpus {path} has duplicate doc_id {doc_id!r} ({rows[seen[doc_id]][2]['__line__']} and "
+                                 f"{rows[i][2]['__line__']}); doc ids must be unique")
+        seen[doc_id] = i
+    return pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
 
 
 def chunk_token_ids(ids: list[int], args: CorpusArgs) -> list[list[int]]:
@@ -138,12 +203,15 @@ def fingerprint_sequences(table: pa.Table) -> str:
     return digest.hexdigest()
 
 
-def tokenize_documents(documents: pa.Table, tokenizer, args: CorpusArgs, progress: bool = True) -> pa.Table:
-    columns = {name: [] for name in ("seq_id", "doc_id", "chunk", "source", "lang", "input_ids", "num_tokens", "text")}
-    rows = documents.to_pylist()
-    for row in tqdm(rows, desc="tokenise", unit="doc", disable=not progress):
+def tokenize_documents(documents: pa.Table, tokenizer, args: CorpusArgs, progress: bool = True) -> tuple[pa.Table, int]:
+    """Sequences cut from the documents, and how many chunks were dropped for being shorter than `min_tokens`."""
+    columns: dict[str, list] = {name: [] for name in SEQUENCES_SCHEMA.names}
+    dropped = 0
+    for row in tqdm(documents.to_pylist(), desc="tokenise", unit="doc", disable=not progress):
         ids = tokenizer(row["text"], add_special_tokens=args.add_special_tokens)["input_ids"]
-        for chunk_number, chunk in enumerate(chunk_token_ids(ids, args)):
+        chunks = chunk_token_ids(ids, args)
+        dropped += (1 if args.policy == "truncate" else -(-len(ids) // args.max_length)) - len(chunks)
+        for chunk_number, chunk in enumerate(chunks):
             columns["seq_id"].append(len(columns["seq_id"]))
             columns["doc_id"].append(row["doc_id"])
             columns["chunk"].append(chunk_number)
@@ -154,77 +222,134 @@ def tokenize_documents(documents: pa.Table, tokenizer, args: CorpusArgs, progres
             columns["text"].append(tokenizer.decode(chunk, skip_special_tokens=True))
     if not columns["seq_id"]:
         raise InfluenceError(f"no document yields a sequence of at least {args.min_tokens} tokens; lower min_tokens or add text")
-    schema = pa.schema([
-        ("seq_id", pa.int64()), ("doc_id", pa.string()), ("chunk", pa.int32()), ("source", pa.string()),
-        ("lang", pa.string()), ("input_ids", pa.list_(pa.int32())), ("num_tokens", pa.int32()), ("text", pa.string()),
-    ])
-    return pa.table(columns, schema=schema)
+    return pa.table(columns, schema=SEQUENCES_SCHEMA), dropped
+
+
+def tokenizer_fingerprint(model_dir: Path | str) -> str:
+    """A hash of the tokenizer's definition files: a corpus is usable only with the tokenizer that cut it."""
+    digest = hashlib.blake2b(digest_size=16)
+    model_dir = Path(model_dir)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "special_tokens_map.json"):
+        path = model_dir / name
+        if path.is_file():
+            digest.update(name.encode() + path.read_bytes())
+    config = model_dir / "tokenizer_config.json"
+    if config.is_file():  # only what changes the ids: not the paths and names a save writes there
+        try:
+            settings = json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            settings = {"unreadable": config.read_bytes().hex()}
+        kept = {k: v for k, v in settings.items() if k not in ("name_or_path", "tokenizer_file", "auto_map")} if isinstance(settings, dict) else settings
+        digest.update(json.dumps(kept, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def prepare_corpus(documents_path: Path | str, model_dir: Path | str, out_dir: Path | str, args: CorpusArgs = CorpusArgs(),
                    progress: bool = True) -> Path:
     """Tokenise documents with the model's tokenizer and write `sequences.parquet` plus a manifest.
 
-    Skips the work when `out_dir` already holds the same corpus built with the same arguments.
+    Skips the work when `out_dir` already holds this corpus (same documents' content, tokenizer and arguments);
+    refuses when it holds a corpus of other documents, so a stale corpus is never reused.
     """
-    out_dir = Path(out_dir)
-    tokenizer_fingerprint = _tokenizer_fingerprint(Path(model_dir))
-    if (out_dir / SEQUENCES_NAME).exists() and (out_dir / "manifest.json").exists():
+    documents_path, out_dir = Path(documents_path).resolve(), Path(out_dir).resolve()
+    model_dir = require_model_dir(model_dir)
+    tokenizer_id = tokenizer_fingerprint(model_dir)
+    documents_id = fingerprint_documents(documents_path)
+    if (out_dir / MANIFEST_NAME).exists():
         manifest = read_manifest(out_dir, "corpus")
         args.require_matches(manifest["args"], str(out_dir))
-        if manifest["tokenizer_fingerprint"] == tokenizer_fingerprint and manifest["documents"] == str(Path(documents_path).resolve()):
-            LOG.info("corpus %s already prepared; skipping", out_dir)
-            return out_dir
-        raise InfluenceError(f"{out_dir} already holds another corpus or tokenizer; choose a new output directory")
-    start = time.perf_counter()
-    documents = load_documents(documents_path)
-    table = tokenize_documents(documents, load_tokenizer(Path(model_dir)), args, progress=progress)
-    write_parquet(out_dir / SEQUENCES_NAME, table)
-    write_json(out_dir / ARGS_NAME, args.to_dict())
-    write_manifest(
-        out_dir, "corpus", corpus_fingerprint=fingerprint_sequences(table), tokenizer_fingerprint=tokenizer_fingerprint,
-        model_dir=str(Path(model_dir).resolve()), documents=str(Path(documents_path).resolve()), args=args.to_dict(),
-        num_documents=documents.num_rows, num_sequences=table.num_rows, num_tokens=sum(table["num_tokens"].to_pylist()),
-    )
+        if manifest.get("documents_fingerprint") != documents_id:
+            raise InfluenceError(f"{out_dir} holds a corpus prepared from other documents (or from {documents_path} before it "
+                                 "changed); write this corpus to a new --out directory, or delete the old one")
+        if manifest["tokenizer_fingerprint"] != tokenizer_id:
+            raise InfluenceError(f"{out_dir} holds a corpus cut by another tokenizer than {model_dir}'s; write to a new --out directory")
+        LOG.info("corpus %s already prepared; skipping", out_dir)
+        return out_dir
+    with prepare_output(out_dir, "corpus", inputs={"documents": documents_path, "model": model_dir}):
+        start = time.perf_counter()
+        documents = load_documents(documents_path)
+        table, dropped = tokenize_documents(documents, load_tokenizer(model_dir), args, progress=progress)
+        if dropped:
+            LOG.warning("dropped %d chunks shorter than %d tokens (min_tokens)", dropped, args.min_tokens)
+        write_parquet(out_dir / SEQUENCES_NAME, table)
+        write_json(out_dir / ARGS_NAME, args.to_dict())
+        write_manifest(
+            out_dir, "corpus", corpus_fingerprint=fingerprint_sequences(table), tokenizer_fingerprint=tokenizer_id,
+            documents_fingerprint=documents_id, model_dir=str(model_dir), documents=str(documents_path), args=args.to_dict(),
+            num_documents=documents.num_rows, num_sequences=table.num_rows, num_tokens=int(sum(table["num_tokens"].to_pylist())),
+            num_dropped=dropped,
+        )
     LOG.info("corpus: %d documents -> %d sequences in %.1fs", documents.num_rows, table.num_rows, time.perf_counter() - start)
     return out_dir
 
 
-def _tokenizer_fingerprint(model_dir: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "tokenizer_config.json"):
-        path = model_dir / name
-        if path.is_file():
-            digest.update(name.encode() + path.read_bytes())
-    return digest.hexdigest()
-
-
 def load_sequences(corpus_dir: Path | str) -> tuple[pa.Table, dict]:
-    """The sequences table and the corpus manifest (which holds the corpus fingerprint)."""
+    """The sequences table and the corpus manifest (which holds the corpus fingerprint).
+
+    `seq_id` is the row position (the corpus stage numbers rows 0..n-1); it is checked here so every reader can
+    index rows by it.
+    """
     corpus_dir = Path(corpus_dir)
     manifest = read_manifest(corpus_dir, "corpus")
     try:
         table = pq.read_table(corpus_dir / SEQUENCES_NAME)
-    except Exception as exc:
+    except (OSError, pa.ArrowException) as exc:
         raise InfluenceError(f"{corpus_dir / SEQUENCES_NAME} is unreadable ({exc}); re-run `influence corpus`") from exc
+    missing = [name for name in SEQUENCES_SCHEMA.names if name not in table.column_names]
+    if missing or not np.array_equal(table["seq_id"].to_numpy(), np.arange(table.num_rows)):
+        raise InfluenceError(f"{corpus_dir / SEQUENCES_NAME} was edited (columns missing: {missing} or seq_id is not the row "
+                             "number); re-run `influence corpus` into a new directory")
     return table, manifest
 
 
-def require_fits_context(sequences: pa.Table, model, corpus_dir: Path | str) -> None:
+def require_same_tokenizer(corpus_manifest: dict, model_dir: Path | str, corpus_dir: Path | str) -> None:
+    """Refuse a corpus cut by another tokenizer: its token ids would mean other words to this model."""
+    if corpus_manifest["tokenizer_fingerprint"] != tokenizer_fingerprint(model_dir):
+        raise InfluenceError(f"corpus {corpus_dir} was tokenised with another tokenizer than {model_dir}'s; re-run "
+                             "`influence corpus` with this model into a new directory")
+
+
+def require_fits_context(sequences: pa.Table, context: int | None, corpus_dir: Path | str) -> None:
     """Refuse sequences longer than the model's context: they would run past its position embeddings."""
-    from influence.queries import context_length
-
-    limit, longest = context_length(model), max(sequences["num_tokens"].to_pylist(), default=0)
-    if limit is not None and longest > limit:
-        raise InfluenceError(f"corpus {corpus_dir} has sequences of up to {longest} tokens but the model's context is {limit}; "
-                             f"re-run `influence corpus` with --max-length {limit} or less")
+    longest = max(sequences["num_tokens"].to_pylist(), default=0)
+    if context is not None and longest > context:
+        raise InfluenceError(f"corpus {corpus_dir} has sequences of up to {longest} tokens but the model's context is {context}; "
+                             f"re-run `influence corpus` with --max-length {context} or less")
 
 
-def iterate_batches(sequences: pa.Table, batch_size: int, rows: range | None = None) -> Iterator[tuple[list[int], list[list[int]]]]:
-    """(seq_ids, input_ids) batches over `rows` (default: all), in order."""
-    rows = rows if rows is not None else range(sequences.num_rows)
-    seq_ids = sequences["seq_id"]
-    input_ids = sequences["input_ids"]
-    for start in range(rows.start, rows.stop, batch_size):
-        stop = min(start + batch_size, rows.stop)
-        yield seq_ids[start:stop].to_pylist(), input_ids[start:stop].to_pylist()
+@dataclass(frozen=True)
+class TokenRows:
+    """Some sequences of a corpus as flat arrays: what a task sends a worker (compact, picklable, zero-copy in Ray)."""
+
+    seq_ids: np.ndarray   # (n,) int64
+    offsets: np.ndarray   # (n + 1,) int64 into `ids`
+    ids: np.ndarray       # (total tokens,) int32
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        return np.diff(self.offsets).tolist()
+
+    def sequence(self, i: int) -> list[int]:
+        return self.ids[self.offsets[i] : self.offsets[i + 1]].tolist()
+
+
+def token_rows(sequences: pa.Table, rows: range | np.ndarray) -> TokenRows:
+    """TokenRows of the given row positions (a range or an array) of a sequences table."""
+    if isinstance(rows, range):
+        part = sequences.slice(rows.start, len(rows))
+    else:
+        part = sequences.take(pa.array(np.asarray(rows, dtype=np.int64)))
+    column = part["input_ids"].combine_chunks()
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    ids = column.values.to_numpy()[offsets[0] : offsets[-1]].astype(np.int32)
+    return TokenRows(part["seq_id"].to_numpy().astype(np.int64), offsets - offsets[0], ids)
+
+
+def shard_rows(num_rows: int, shard: int, num_shards: int) -> range:
+    """Contiguous rows of one shard; shards differ in size by at most one row."""
+    if not 0 <= shard < num_shards:
+        raise InfluenceError(f"shard {shard} is outside 0..{num_shards - 1}")
+    return range(shard * num_rows // num_shards, (shard + 1) * num_rows // num_shards)

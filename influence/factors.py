@@ -1,4 +1,4 @@
-"""EK-FAC factors: fit (two passes over the corpus, shardable), aggregate, save and load.
+"""EK-FAC factors: the fit stage (two passes over the corpus, sharded and resumable), and loading the result.
 
 Per tracked module (Grosse et al. 2023, sec. 2.2):
   pass 1  A = E_tokens[a a^T], S = E_tokens[s s^T]   ->  A = Q_A diag(l_A) Q_A^T, S = Q_S diag(l_S) Q_S^T
@@ -13,32 +13,47 @@ Strategies store what their preconditioner needs:
   ekfac     basis, Lambda corrected (pass 2)
 Damping defaults to damping_scale x mean(Lambda) per module (the paper's 0.1).
 
-Each pass is split into shards (contiguous row ranges): `fit_covariance_shard` and
-`fit_eigenvalue_shard` write partial sums that `aggregate_*` reduce once all exist. That is the unit a
-Ray worker runs; `fit_factors` runs every step in this process. Every step skips work already on disk.
+On disk, a finished fit is `factors.safetensors` (per module: Q_A, Q_S, Lambda, damping, and the eigenvalues l_A, l_S
+of A and S; float32, or float64 for a float64 fit) and its manifest: about 4 (d_in^2 + d_out^2 + d_out d_in) bytes per
+module in float32. The pass shards and
+the eigenvectors of pass 1 exist only while the fit can resume, and are removed once the manifest is written.
+The factors may be fitted on a sample of the corpus, or on another corpus cut by the same tokenizer: the manifest
+records which.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
+import numpy as np
+import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
 from influence import constants as C
 from influence.arguments import FactorArgs
-from influence.artifacts import load_tensors, read_json, read_manifest, require_same, save_tensors, write_json, write_manifest
-from influence.corpus import iterate_batches, load_sequences, require_fits_context
+from influence.artifacts import (
+    load_tensors,
+    prepare_output,
+    read_json,
+    read_manifest,
+    references,
+    require_same,
+    save_tensors,
+    write_json,
+    write_manifest,
+)
+from influence.corpus import TokenRows, load_sequences, require_fits_context, require_same_tokenizer, shard_rows, token_rows
 from influence.errors import InfluenceError
-from influence.gradients import capture_module_io, make_token_batch, rotated_gradients
-from influence.models import TrackedModule, find_tracked_modules, fingerprint_model, load_model
+from influence.gradients import capture_module_io, make_token_batch, plan_batches, rotated_gradients
+from influence.models import ModelInfo, ModelSpec, describe_model, load_model_context, model_identity, require_model_dir
+from influence.stage import Executor, Pass, Workspace, run_stage
 
 LOG = logging.getLogger(__name__)
-EIGENVECTORS_NAME = "eigenvectors.safetensors"
 
 
 @dataclass
@@ -60,6 +75,10 @@ class Factors:
     def strategy(self) -> str:
         return self.manifest["args"]["strategy"]
 
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["factors_fingerprint"]
+
     def to(self, dtype: torch.dtype, device: str | torch.device = "cpu") -> "Factors":
         def cast(t):
             return None if t is None else t.to(device=device, dtype=dtype)
@@ -67,175 +86,283 @@ class Factors:
         return Factors(modules, self.manifest)
 
 
-def shard_rows(num_rows: int, shard: int, num_shards: int) -> range:
-    """Contiguous rows of one shard; shards differ in size by at most one row."""
-    if not 0 <= shard < num_shards:
-        raise InfluenceError(f"shard {shard} is outside 0..{num_shards - 1}")
-    return range(shard * num_rows // num_shards, (shard + 1) * num_rows // num_shards)
-
-
-def _needs_basis(strategy: str) -> bool:
+def needs_basis(strategy: str) -> bool:
     return strategy in ("kfac", "ekfac")
 
 
-class FitContext:
-    """Model, tracked modules and sequences, loaded once per process (or per Ray worker)."""
-
-    def __init__(self, model_dir: Path | str, corpus_dir: Path | str, args: FactorArgs):
-        self.model_dir, self.corpus_dir, self.args = Path(model_dir), Path(corpus_dir), args
-        self.model = load_model(model_dir, dtype=args.torch_dtype, device=args.device)
-        self.modules: list[TrackedModule] = find_tracked_modules(self.model, args.module_pattern)
-        self.sequences, corpus_manifest = load_sequences(corpus_dir)
-        require_fits_context(self.sequences, self.model, corpus_dir)
-        self.identity = {
-            "model_fingerprint": fingerprint_model(model_dir),
-            "corpus_fingerprint": corpus_manifest["corpus_fingerprint"],
-            "modules": [m.name for m in self.modules],
-            "args": args.artifact_dict(),
-        }
-
-    def start(self, out_dir: Path) -> None:
-        """Record what this fit is built from, or refuse to resume a fit of something else."""
-        path = out_dir / C.ARGS_NAME
-        if path.exists():
-            saved = read_json(path)
-            for key in ("model_fingerprint", "corpus_fingerprint", "modules"):
-                require_same(key, self.identity[key], saved.get(key), out_dir, "use a new --out directory for another model or corpus")
-            self.args.require_matches(saved["args"], str(out_dir))
-        else:
-            write_json(path, self.identity)
-
-    def batches(self, rows: range, desc: str):
-        total = -(-len(rows) // self.args.batch_size)
-        for seq_ids, ids in tqdm(iterate_batches(self.sequences, self.args.batch_size, rows), total=total, desc=desc,
-                                 unit="batch", disable=not self.args.progress):
-            yield make_token_batch(ids, seq_ids=seq_ids, device=self.args.device)
-
-    def capture(self, batch):
-        seed = None if self.args.fisher == "empirical" else self.args.seed
-        io, _ = capture_module_io(self.model, self.modules, batch, sample_seed=seed)
-        return io
+def needs_corrected_eigenvalues(strategy: str) -> bool:
+    return strategy in ("diagonal", "ekfac")
 
 
-def fit_covariance_shard(ctx: FitContext, out_dir: Path, shard: int = 0, num_shards: int = 1) -> Path:
-    """Pass 1 over one shard: sums of a a^T and s s^T, and token counts."""
-    path = out_dir / C.COVARIANCE_SHARD_NAME.format(shard=shard, num_shards=num_shards)
-    if path.exists():
-        return path
+@dataclass
+class FitPlan:
+    """Everything a fit is built from, checked before anything is written."""
+
+    model_dir: Path
+    corpus_dir: Path
+    out_dir: Path
+    args: FactorArgs
+    info: ModelInfo
+    spec: ModelSpec
+    sequences: pa.Table
+    identity: dict       # saved as args.json: compared when resuming
+    num_shards: int
+
+    def shard_path(self, pattern: str, shard: int) -> Path:
+        return self.out_dir / pattern.format(shard=shard, num_shards=self.num_shards)
+
+    def pending(self, pattern: str) -> list[int]:
+        return [k for k in range(self.num_shards) if not self.shard_path(pattern, k).exists()]
+
+    def rows(self, shard: int) -> TokenRows:
+        return token_rows(self.sequences, shard_rows(self.sequences.num_rows, shard, self.num_shards))
+
+    def sizes(self, shards: list[int]) -> list[int]:
+        return [len(shard_rows(self.sequences.num_rows, k, self.num_shards)) for k in shards]
+
+
+@dataclass(frozen=True)
+class FitWork:
+    """What every task of a fit pass shares: the model to load and the fit's settings (plus pass 2's basis)."""
+
+    spec: ModelSpec
+    fisher: str
+    seed: int
+    batch_tokens: int
+    basis: Optional[dict] = None     # pass 2: {module: (Q_A, Q_S)} as numpy arrays
+    basis_key: Optional[tuple] = None
+
+
+def plan_fit(model_dir: Path | str, corpus_dir: Path | str, out_dir: Path | str, args: FactorArgs = FactorArgs(),
+             num_shards: Optional[int] = None) -> FitPlan:
+    """Check the inputs and the output directory, and decide the shards (a resumed fit keeps its saved shard count)."""
+    model_dir, corpus_dir, out_dir = require_model_dir(model_dir), Path(corpus_dir).resolve(), Path(out_dir).resolve()
+    if num_shards is not None and (isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1):
+        raise InfluenceError(f"--num-shards must be at least 1, got {num_shards!r}; pass a positive number")
+    info = describe_model(model_dir, args.module_pattern)
+    sequences, corpus_manifest = load_sequences(corpus_dir)
+    require_same_tokenizer(corpus_manifest, model_dir, corpus_dir)
+    require_fits_context(sequences, info.context, corpus_dir)
+    identity = model_identity(model_dir)
+    saved = read_json(out_dir / C.ARGS_NAME) if (out_dir / C.ARGS_NAME).is_file() else None
+    plan_identity = {"model_fingerprint": identity.fingerprint, "corpus_fingerprint": corpus_manifest["corpus_fingerprint"],
+                     "tokenizer_fingerprint": corpus_manifest["tokenizer_fingerprint"], "modules": info.module_names,
+                     "args": args.artifact_dict()}
+    if saved is not None and _has_finished_work(out_dir):
+        if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
+            raise InfluenceError(f"{out_dir / C.ARGS_NAME} was edited by hand or written by another version; use a new --out")
+        for key in ("model_fingerprint", "corpus_fingerprint", "modules"):
+            require_same(key.replace("_fingerprint", ""), plan_identity[key], saved.get(key), out_dir,
+                         "use a new --out directory for another model, corpus or module pattern (or delete the old one)")
+        args.require_matches(saved["args"], str(out_dir))
+        if num_shards is not None and num_shards != saved.get("num_shards"):
+            LOG.warning("resuming %s with its saved %s shards (not %d)", out_dir, saved.get("num_shards"), num_shards)
+        num_shards = int(saved["num_shards"])
+    num_shards = min(num_shards or 1, sequences.num_rows)
+    spec = ModelSpec(str(model_dir), args.dtype, args.device, args.module_pattern, identity.quick)
+    return FitPlan(model_dir, corpus_dir, out_dir, args, info, spec, sequences, {**plan_identity, "num_shards": num_shards}, num_shards)
+
+
+def _has_finished_work(out_dir: Path) -> bool:
+    """Whether an earlier attempt left shards worth resuming (else its saved settings need not bind a retry)."""
+    return any(out_dir.glob("*_shard_*.safetensors")) or (out_dir / C.EIGENVECTORS_NAME).exists() or (out_dir / C.MANIFEST_NAME).exists()
+
+
+def fit_factors(model_dir: Path | str, corpus_dir: Path | str, out_dir: Path | str, args: FactorArgs = FactorArgs(),
+                executor: Optional[Executor] = None, num_shards: Optional[int] = None) -> Path:
+    """Fit the factors of `args.strategy` over the corpus on `executor` (default: this process); returns `out_dir`.
+
+    The corpus is split into `num_shards` shards (default: one per worker of the executor); re-running resumes from
+    the shards on disk, and a finished fit is returned as is.
+    """
+    plan = plan_fit(model_dir, corpus_dir, out_dir, args, num_shards or getattr(executor, "workers", 1))
+    if (plan.out_dir / C.MANIFEST_NAME).exists():
+        read_manifest(plan.out_dir, "factors")
+        if not args.keep_shards:  # a fit killed between its manifest and the clean-up
+            _remove_intermediates(plan)
+        return plan.out_dir
+    bytes_needed = _shard_bytes(plan) * plan.num_shards * 2
+    with prepare_output(plan.out_dir, "factors", {"model": plan.model_dir, "corpus": plan.corpus_dir}, bytes_needed):
+        write_json(plan.out_dir / C.ARGS_NAME, plan.identity)
+        run_stage("fit", fit_passes(plan), executor, args.progress)
+    return plan.out_dir
+
+
+def _shard_bytes(plan: FitPlan) -> int:
+    """float64 bytes of one shard's sums: what the fit writes per shard and pass (the space check's estimate)."""
+    return sum(8 * (d_in * d_in + d_out * d_out + d_out * d_in) for _, (d_out, d_in) in plan.info.modules)
+
+
+def fit_passes(plan: FitPlan) -> Iterator[Pass]:
+    """The fit as passes: covariances, their eigenvectors; eigenvalue corrections; the factors."""
+    args = plan.args
+    work = FitWork(plan.spec, args.fisher, args.seed, args.batch_tokens)
+    key = ("fit", plan.spec, args.fisher, args.seed, args.batch_tokens)
+    if needs_basis(args.strategy):
+        pending = plan.pending(C.COVARIANCE_SHARD_NAME)
+        yield Pass("covariance", pending, covariance_work, save=partial(_save_shard, plan, C.COVARIANCE_SHARD_NAME),
+                   reduce=partial(aggregate_covariances, plan), payload=plan.rows, shared=work, shared_key=key,
+                   sizes=plan.sizes(pending))
+    if needs_corrected_eigenvalues(args.strategy):
+        basis = _basis(plan) if needs_basis(args.strategy) else None
+        basis_key = (str(plan.out_dir), (plan.out_dir / C.EIGENVECTORS_NAME).stat().st_mtime_ns) if basis else None
+        pending = plan.pending(C.EIGENVALUE_SHARD_NAME)
+        yield Pass("eigenvalues", pending, eigenvalue_work, save=partial(_save_shard, plan, C.EIGENVALUE_SHARD_NAME),
+                   payload=plan.rows, shared=FitWork(plan.spec, args.fisher, args.seed, args.batch_tokens, basis, basis_key),
+                   shared_key=(*key, basis_key), sizes=plan.sizes(pending))
+    yield Pass("factors", [], _no_work, _no_save, reduce=partial(aggregate_factors, plan))
+
+
+def _no_work(workspace, shared, payload):  # a pass that only reduces
+    return None
+
+
+def _no_save(task, result) -> None:
+    return None
+
+
+def _save_shard(plan: FitPlan, pattern: str, shard: int, sums: dict[str, np.ndarray]) -> None:
+    # arrays from Ray's object store are read-only; torch wants writable memory
+    save_tensors(plan.shard_path(pattern, shard), {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in sums.items()})
+
+
+def _token_batches(work: FitWork, rows: TokenRows):
+    for positions in plan_batches(rows.lengths, work.batch_tokens):
+        yield make_token_batch([rows.sequence(i) for i in positions], seq_ids=[int(rows.seq_ids[i]) for i in positions],
+                               device=work.spec.device)
+
+
+def _capture(workspace: Workspace, work: FitWork, batch):
+    loaded = workspace.get(("model", work.spec), partial(load_model_context, work.spec))
+    seed = None if work.fisher == "empirical" else work.seed
+    io, _ = capture_module_io(loaded.model, loaded.modules, batch, sample_seed=seed)
+    return io
+
+
+def covariance_work(workspace: Workspace, work: FitWork, rows: TokenRows) -> dict[str, np.ndarray]:
+    """Pass 1 over one shard: sums of a a^T and s s^T (float64), and token counts."""
     sums: dict[str, torch.Tensor] = {}
     counts = torch.zeros(3, dtype=torch.float64)  # tokens, labelled tokens, sequences
-    for batch in ctx.batches(shard_rows(ctx.sequences.num_rows, shard, num_shards), f"covariance {shard}/{num_shards}"):
-        for name, (a, s) in ctx.capture(batch).items():
+    for batch in _token_batches(work, rows):
+        for name, (a, s) in _capture(workspace, work, batch).items():
             a2, s2 = a.flatten(0, 1), s.flatten(0, 1)  # (tokens, d_in), (tokens, d_out)
-            _accumulate(sums, name + C.ACTIVATION_SUM, (a2.T @ a2).double())
-            _accumulate(sums, name + C.GRADIENT_SUM, (s2.T @ s2).double())
+            _accumulate(sums, name + C.ACTIVATION_SUM, (a2.T @ a2).double().cpu())
+            _accumulate(sums, name + C.GRADIENT_SUM, (s2.T @ s2).double().cpu())
         counts += torch.tensor([batch.attention_mask.sum(), batch.label_mask.sum(), len(batch.input_ids)], dtype=torch.float64)
-    save_tensors(path, {**sums, "counts": counts})
-    return path
+    return {**{k: v.numpy() for k, v in sums.items()}, C.COUNTS: counts.numpy()}
 
 
-def fit_eigenvalue_shard(ctx: FitContext, out_dir: Path, shard: int = 0, num_shards: int = 1) -> Path:
-    """Pass 2 over one shard: sum over sequences of (Q_S^T G Q_A)^2 (G^2 for diagonal)."""
-    path = out_dir / C.EIGENVALUE_SHARD_NAME.format(shard=shard, num_shards=num_shards)
-    if path.exists():
-        return path
-    basis = _load_basis(out_dir, ctx) if _needs_basis(ctx.args.strategy) else {}
+def eigenvalue_work(workspace: Workspace, work: FitWork, rows: TokenRows) -> dict[str, np.ndarray]:
+    """Pass 2 over one shard: the sum over sequences of (Q_S^T G Q_A)^2 (G^2 for diagonal)."""
+    dtype = torch.float64 if work.spec.dtype == "float64" else torch.float32
+    basis = {}
+    if work.basis is not None:
+        basis = workspace.get(("basis", work.basis_key, work.spec), lambda: {
+            name: (torch.from_numpy(np.array(q_a)).to(work.spec.device, dtype), torch.from_numpy(np.array(q_s)).to(work.spec.device, dtype))
+            for name, (q_a, q_s) in work.basis.items()})
     sums: dict[str, torch.Tensor] = {}
     count = torch.zeros(1, dtype=torch.float64)
-    for batch in ctx.batches(shard_rows(ctx.sequences.num_rows, shard, num_shards), f"eigenvalues {shard}/{num_shards}"):
-        for name, (a, s) in ctx.capture(batch).items():
+    for batch in _token_batches(work, rows):
+        for name, (a, s) in _capture(workspace, work, batch).items():
             q_a, q_s = basis.get(name, (None, None))
-            rotated = rotated_gradients(a, s, q_a, q_s)  # (batch, d_out, d_in)
-            _accumulate(sums, name + C.EIGENVALUE_SUM, rotated.double().pow(2).sum(0))
+            rotated = rotated_gradients(a.to(dtype), s.to(dtype), q_a, q_s)  # (batch, d_out, d_in)
+            _accumulate(sums, name + C.EIGENVALUE_SUM, rotated.double().pow(2).sum(0).cpu())
         count += len(batch.input_ids)
-    save_tensors(path, {**sums, "count": count})
-    return path
+    return {**{k: v.numpy() for k, v in sums.items()}, "count": count.numpy()}
 
 
-def aggregate_covariances(ctx: FitContext, out_dir: Path, num_shards: int) -> Path:
-    """Sum pass-1 shards and eigendecompose A and S (float64) into the basis pass 2 needs."""
-    path = out_dir / EIGENVECTORS_NAME
+def _storage_dtype(args: FactorArgs) -> torch.dtype:
+    return torch.float64 if args.dtype == "float64" else torch.float32
+
+
+def aggregate_covariances(plan: FitPlan) -> None:
+    """Sum pass-1 shards and eigendecompose A and S (in float64) into the basis pass 2 needs."""
+    path = plan.out_dir / C.EIGENVECTORS_NAME
     if path.exists():
-        return path
-    total = _sum_shards(out_dir, C.COVARIANCE_SHARD_NAME, num_shards)
-    num_tokens, num_labelled, num_sequences = total.pop("counts").tolist()
-    result = {"counts": torch.tensor([num_tokens, num_labelled, num_sequences], dtype=torch.float64)}
-    for module in ctx.modules:
-        activation = total[module.name + C.ACTIVATION_SUM] / max(num_tokens, 1.0)
-        gradient = total[module.name + C.GRADIENT_SUM] / max(num_labelled, 1.0)
+        return
+    total = _sum_shards(plan, C.COVARIANCE_SHARD_NAME)
+    num_tokens, num_labelled, _ = total[C.COUNTS].tolist()
+    result = {C.COUNTS: total[C.COUNTS]}
+    dtype = _storage_dtype(plan.args)
+    for name in plan.info.module_names:
+        activation = total[name + C.ACTIVATION_SUM] / max(num_tokens, 1.0)
+        gradient = total[name + C.GRADIENT_SUM] / max(num_labelled, 1.0)
         l_a, q_a = torch.linalg.eigh(activation)
         l_s, q_s = torch.linalg.eigh(gradient)
-        result.update({
-            module.name + C.ACTIVATION_EIGENVECTORS: q_a, module.name + ".activation_eigenvalues": l_a.clamp_min(0),
-            module.name + C.GRADIENT_EIGENVECTORS: q_s, module.name + ".gradient_eigenvalues": l_s.clamp_min(0),
-        })
+        result.update({name + C.ACTIVATION_EIGENVECTORS: q_a.to(dtype), name + C.ACTIVATION_EIGENVALUES: l_a.clamp_min(0),
+                       name + C.GRADIENT_EIGENVECTORS: q_s.to(dtype), name + C.GRADIENT_EIGENVALUES: l_s.clamp_min(0)})
     save_tensors(path, result)
-    return path
 
 
-def aggregate_factors(ctx: FitContext, out_dir: Path, num_shards: int) -> Path:
-    """Form each strategy's Lambda and damping, write factors.safetensors and the manifest."""
-    strategy, tensors = ctx.args.strategy, {}
-    basis = load_tensors(out_dir / EIGENVECTORS_NAME) if _needs_basis(strategy) else {}
-    corrected = _sum_shards(out_dir, C.EIGENVALUE_SHARD_NAME, num_shards) if strategy in ("diagonal", "ekfac") else {}
-    for module in ctx.modules:
-        name = module.name
+def _basis(plan: FitPlan) -> dict:
+    tensors = load_tensors(plan.out_dir / C.EIGENVECTORS_NAME)
+    try:
+        return {name: (tensors[name + C.ACTIVATION_EIGENVECTORS].numpy(), tensors[name + C.GRADIENT_EIGENVECTORS].numpy())
+                for name in plan.info.module_names}
+    except KeyError as exc:
+        raise InfluenceError(f"{plan.out_dir / C.EIGENVECTORS_NAME} lacks {exc.args[0]}; delete it and re-run the fit") from exc
+
+
+def aggregate_factors(plan: FitPlan) -> None:
+    """Form each strategy's Lambda and damping, write factors.safetensors and the manifest, remove the intermediates."""
+    args, strategy, tensors = plan.args, plan.args.strategy, {}
+    dtype = _storage_dtype(args)
+    basis = load_tensors(plan.out_dir / C.EIGENVECTORS_NAME) if needs_basis(strategy) else {}
+    corrected = _sum_shards(plan, C.EIGENVALUE_SHARD_NAME) if needs_corrected_eigenvalues(strategy) else {}
+    for name, shape in plan.info.modules:
         if strategy == "identity":
-            eigenvalues = torch.zeros(module.shape, dtype=torch.float64)
+            eigenvalues = torch.zeros(shape, dtype=torch.float64)
         elif strategy == "kfac":
-            _, num_labelled, num_sequences = basis["counts"].tolist()
-            outer = torch.outer(basis[name + ".gradient_eigenvalues"], basis[name + ".activation_eigenvalues"])
+            _, num_labelled, num_sequences = basis[C.COUNTS].tolist()
+            outer = torch.outer(basis[name + C.GRADIENT_EIGENVALUES], basis[name + C.ACTIVATION_EIGENVALUES])
             eigenvalues = outer * (num_labelled / num_sequences)
         else:
             eigenvalues = corrected[name + C.EIGENVALUE_SUM] / corrected["count"]
         if strategy == "identity":
             damping = 1.0
         else:
-            damping = ctx.args.damping if ctx.args.damping is not None else ctx.args.damping_scale * float(eigenvalues.mean())
-            if damping <= 0:
+            damping = args.damping if args.damping is not None else args.damping_scale * float(eigenvalues.mean())
+            if not damping > 0:
                 raise InfluenceError(f"module {name} has all-zero curvature, so the heuristic damping is 0; pass a fixed --damping")
-        tensors[name + C.EIGENVALUES] = eigenvalues
+        tensors[name + C.EIGENVALUES] = eigenvalues.to(dtype)
         tensors[name + C.DAMPING] = torch.tensor(damping, dtype=torch.float64)
-        if _needs_basis(strategy):
-            tensors[name + C.ACTIVATION_EIGENVECTORS] = basis[name + C.ACTIVATION_EIGENVECTORS]
-            tensors[name + C.GRADIENT_EIGENVECTORS] = basis[name + C.GRADIENT_EIGENVECTORS]
-    save_tensors(out_dir / C.FACTORS_NAME, tensors)
-    return write_manifest(out_dir, "factors", **ctx.identity, model_dir=str(ctx.model_dir.resolve()),
-                          corpus_dir=str(ctx.corpus_dir.resolve()), num_shards=num_shards)
+        if needs_basis(strategy):
+            for key in (C.ACTIVATION_EIGENVECTORS, C.GRADIENT_EIGENVECTORS, C.ACTIVATION_EIGENVALUES, C.GRADIENT_EIGENVALUES):
+                tensors[name + key] = basis[name + key].to(dtype)
+    if needs_basis(strategy):
+        tensors[C.COUNTS] = basis[C.COUNTS]
+    save_tensors(plan.out_dir / C.FACTORS_NAME, tensors)
+    counts = basis.get(C.COUNTS)
+    write_manifest(plan.out_dir, "factors", **{k: v for k, v in plan.identity.items()},
+                   factors_fingerprint=_file_fingerprint(plan.out_dir / C.FACTORS_NAME),
+                   **references(plan.out_dir, model_dir=plan.model_dir, corpus_dir=plan.corpus_dir),
+                   num_sequences=plan.sequences.num_rows, num_tokens=int(counts[0]) if counts is not None else None)
+    if not args.keep_shards:
+        _remove_intermediates(plan)
 
 
-def fit_factors(model_dir: Path | str, corpus_dir: Path | str, out_dir: Path | str, args: FactorArgs = FactorArgs(),
-                num_shards: int = 1, context: Optional[FitContext] = None) -> Path:
-    """Fit the factors of `args.strategy` over the whole corpus in this process; returns `out_dir`.
-
-    Re-running resumes from the shards on disk; a finished fit is returned as is.
-    """
-    out_dir = Path(out_dir)
-    ctx = context or FitContext(model_dir, corpus_dir, args)
-    ctx.start(out_dir)
-    if (out_dir / C.MANIFEST_NAME).exists():
-        return out_dir
-    start = time.perf_counter()
-    if _needs_basis(args.strategy):
-        for shard in range(num_shards):
-            fit_covariance_shard(ctx, out_dir, shard, num_shards)
-        aggregate_covariances(ctx, out_dir, num_shards)
-    if args.strategy in ("diagonal", "ekfac"):
-        for shard in range(num_shards):
-            fit_eigenvalue_shard(ctx, out_dir, shard, num_shards)
-    aggregate_factors(ctx, out_dir, num_shards)
-    LOG.info("fit %s factors for %d modules over %d sequences in %.1fs", args.strategy, len(ctx.modules),
-             ctx.sequences.num_rows, time.perf_counter() - start)
-    return out_dir
+def _remove_intermediates(plan: FitPlan) -> None:
+    for path in [*plan.out_dir.glob("*_shard_*.safetensors"), plan.out_dir / C.EIGENVECTORS_NAME]:
+        path.unlink(missing_ok=True)
 
 
-def load_factors(factors_dir: Path | str, model_dir: Path | str | None = None) -> Factors:
-    """Load fitted factors; with `model_dir`, refuse factors fitted on another model."""
+def _file_fingerprint(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_factors(factors_dir: Path | str, model_fingerprint: Optional[str] = None) -> Factors:
+    """Load fitted factors; with `model_fingerprint` (from `models.model_identity`), refuse factors of another model."""
     factors_dir = Path(factors_dir)
     manifest = read_manifest(factors_dir, "factors")
-    if model_dir is not None:
-        require_same("model", fingerprint_model(model_dir), manifest["model_fingerprint"], factors_dir,
+    if model_fingerprint is not None:
+        require_same("model", model_fingerprint, manifest["model_fingerprint"], factors_dir,
                      "fit factors for this model with `influence fit`, or pass the model they were fitted on")
+    if not (factors_dir / C.FACTORS_NAME).is_file():
+        raise InfluenceError(f"{factors_dir} has a manifest but no {C.FACTORS_NAME}; re-run `influence fit` into a new directory")
     tensors = load_tensors(factors_dir / C.FACTORS_NAME)
     modules = {}
     for name in manifest["modules"]:
@@ -247,7 +374,8 @@ def load_factors(factors_dir: Path | str, model_dir: Path | str | None = None) -
                 q_s=tensors.get(name + C.GRADIENT_EIGENVECTORS),
             )
         except KeyError as exc:
-            raise InfluenceError(f"{factors_dir / C.FACTORS_NAME} lacks {exc.args[0]}; the manifest was edited or the file is from another fit; re-run `influence fit`") from exc
+            raise InfluenceError(f"{factors_dir / C.FACTORS_NAME} lacks {exc.args[0]}; the manifest was edited or the file is from "
+                                 "another fit; re-run `influence fit`") from exc
     return Factors(modules, manifest)
 
 
@@ -255,19 +383,12 @@ def _accumulate(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) ->
     sums[key] = sums[key] + value if key in sums else value.clone()
 
 
-def _sum_shards(out_dir: Path, pattern: str, num_shards: int) -> dict[str, torch.Tensor]:
-    missing = [k for k in range(num_shards) if not (out_dir / pattern.format(shard=k, num_shards=num_shards)).exists()]
+def _sum_shards(plan: FitPlan, pattern: str) -> dict[str, torch.Tensor]:
+    missing = plan.pending(pattern)
     if missing:
-        raise InfluenceError(f"{out_dir} lacks shards {missing[:8]} of {num_shards}; run them before aggregating")
+        raise InfluenceError(f"{plan.out_dir} lacks shards {missing[:8]} of {plan.num_shards}; re-run the fit to finish them")
     total: dict[str, torch.Tensor] = {}
-    for shard in range(num_shards):
-        for key, value in load_tensors(out_dir / pattern.format(shard=shard, num_shards=num_shards)).items():
+    for shard in range(plan.num_shards):
+        for key, value in load_tensors(plan.shard_path(pattern, shard)).items():
             _accumulate(total, key, value)
     return total
-
-
-def _load_basis(out_dir: Path, ctx: FitContext) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    tensors = load_tensors(out_dir / EIGENVECTORS_NAME)
-    dtype = ctx.args.torch_dtype if ctx.args.torch_dtype in (torch.float32, torch.float64) else torch.float32
-    return {m.name: (tensors[m.name + C.ACTIVATION_EIGENVECTORS].to(ctx.args.device, dtype),
-                     tensors[m.name + C.GRADIENT_EIGENVECTORS].to(ctx.args.device, dtype)) for m in ctx.modules}

@@ -86,7 +86,8 @@ def capture_module_io(model: nn.Module, modules: list[TrackedModule], batch: Tok
     """Run forward and backward once; return {module: (a, s)} and the summed loss.
 
     Labels are the real next tokens, `labels` if given, or samples from the model when `sample_seed`
-    is set. Inputs at padded positions are zeroed, so sums over tokens ignore padding.
+    is set. Inputs at padded positions are zeroed, so sums over tokens ignore padding. Works with frozen
+    parameters (the default of `models.load_model`): no weight gradient is ever formed.
     """
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -96,7 +97,12 @@ def capture_module_io(model: nn.Module, modules: list[TrackedModule], batch: Tok
             if name in outputs:
                 raise InfluenceError(f"module {name} is called twice in one forward pass; shared modules cannot be tracked")
             inputs[name] = args[0].detach()
+            if not output.requires_grad:
+                # Parameters are frozen (only a and s are needed, not weight gradients), so below the first tracked
+                # module nothing requires grad: its output becomes a leaf, and the backward pass stops there.
+                output = output.detach().requires_grad_(True)
             outputs[name] = output
+            return output
         return hook
 
     handles = [m.module.register_forward_hook(hook_for(m.name)) for m in modules]
@@ -136,3 +142,20 @@ def rotated_gradients(a: torch.Tensor, s: torch.Tensor, q_a: Optional[torch.Tens
     if q_a is None:
         return sequence_gradients(a, s)
     return torch.einsum("bto,bti->boi", s @ q_s, a @ q_a)  # (batch, d_out, d_in)
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Positions of sequences grouped into forward/backward batches by a padded-token budget.
+
+    Sequences are taken longest first (so each batch pads little), and a batch holds as many as fit in
+    `batch_tokens` padded tokens (count x longest); a sequence longer than the budget goes alone. Callers put
+    results back in input order with the returned positions.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for position in order:
+        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= batch_tokens:
+            batches[-1].append(position)  # the batch's first sequence is its longest
+        else:
+            batches.append([position])
+    return batches

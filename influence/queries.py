@@ -87,20 +87,25 @@ def load_queries(path: Path | str) -> list[Query]:
             raise InfluenceError(f"{path}:{line_number} is not valid JSON ({exc.msg}); fix or remove that line") from exc
         if not isinstance(row, dict) or "prompt" not in row or "completion" not in row:
             raise InfluenceError(f"{path}:{line_number} needs the fields 'prompt' and 'completion'")
-        query_id = str(row.get("query_id", row.get("id", f"q{len(queries)}")))
-        if query_id in seen:
-            raise InfluenceError(f"{path}:{line_number} repeats query id {query_id!r}; query ids must be unique")
-        seen.add(query_id)
-        queries.append(Query(query_id, str(row["prompt"]), str(row["completion"]), str(row.get("lang", "und")), str(row.get("group", ""))))
+        for name in ("prompt", "completion"):
+            if not isinstance(row[name], str):
+                raise InfluenceError(f"{path}:{line_number}: '{name}' is {json.dumps(row[name])}, not a string; give the text")
+        fields = {}
+        for name, default in (("query_id", row.get("id", f"q{len(queries)}")), ("lang", "und"), ("group", "")):
+            value = row.get(name, default)
+            if value is None or isinstance(value, (dict, list, bool)):
+                raise InfluenceError(f"{path}:{line_number}: '{name}' is {json.dumps(value)}; give a string or leave the field out")
+            fields[name] = str(value)
+        if fields["query_id"] in seen:
+            raise InfluenceError(f"{path}:{line_number} repeats query id {fields['query_id']!r}; query ids must be unique")
+        seen.add(fields["query_id"])
+        for name, text in [("prompt", row["prompt"]), ("completion", row["completion"]), *fields.items()]:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InfluenceError(f"{path}:{line_number}: '{name}' holds a lone surrogate; fix the JSON escape") from exc
+        queries.append(Query(fields["query_id"], row["prompt"], row["completion"], fields["lang"], fields["group"]))
     if not queries:
         raise InfluenceError(f"query file {path} holds no queries; add lines like {{\"prompt\": ..., \"completion\": ...}}")
     return queries
 
-
-def context_length(model) -> Optional[int]:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None

@@ -1,117 +1,102 @@
-"""Exact influence scores: stream the corpus once for a batch of queries.
+"""Exact influence scores: query gradients, their preconditioning, and the score stage over a corpus.
 
 score(query, z) = grad L_q^T (F + lambda I)^-1 grad L(z), summed over tracked modules, where L_q is
 the completion's negative log-likelihood and L(z) the sequence's summed next-token loss (real labels).
 Positive = upweighting z raises log p(completion | prompt). Because G(z) = sum_t s_t a_t^T, the score
 splits exactly into modules and into training tokens: token t of z contributes s_t^T P(q) a_t.
+
+The functions are stateless: `query_gradients` and `prepare_queries` turn queries into preconditioned
+gradients P(q) once, and `score_batch` scores any batch against them, in the score stage (`compute_scores`,
+spread over workers) and in the query engine's re-rank alike.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
 from influence.arguments import ScoreArgs
-from influence.artifacts import require_same, write_parquet
-from influence.corpus import iterate_batches, load_sequences, require_fits_context
+from influence.artifacts import check_writable, write_parquet
+from influence.corpus import TokenRows, load_sequences, require_fits_context, require_same_tokenizer, shard_rows, token_rows
 from influence.errors import InfluenceError
 from influence.factors import Factors, load_factors
-from influence.gradients import TokenBatch, capture_module_io, make_token_batch, rotated_gradients, sequence_gradients
-from influence.models import find_tracked_modules, load_model, load_tokenizer
+from influence.gradients import TokenBatch, capture_module_io, make_token_batch, plan_batches, rotated_gradients, sequence_gradients
+from influence.models import LoadedModel, ModelSpec, describe_model, load_model_context, load_tokenizer, model_identity, require_model_dir
 from influence.preconditioner import low_rank, precondition, self_influence_from_rotated
-from influence.queries import Query, TokenizedQuery, context_length, tokenize_query
+from influence.queries import Query, TokenizedQuery, tokenize_query
+from influence.stage import Executor, Pass, Workspace, run_stage
 
 LOG = logging.getLogger(__name__)
+
+#: one module's preconditioned query gradients: (queries, d_out, d_in), or rank-r factors (left, right)
+Prepared = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+
+def query_gradients(loaded: LoadedModel, queries: Sequence[TokenizedQuery]) -> dict[str, torch.Tensor]:
+    """Per-module gradients of each query's completion NLL: {module: (queries, d_out, d_in)}."""
+    batch = make_token_batch([q.input_ids for q in queries], [q.completion_start for q in queries], device=loaded.device)
+    io, _ = capture_module_io(loaded.model, loaded.modules, batch)
+    return {name: sequence_gradients(a, s) for name, (a, s) in io.items()}
+
+
+def prepare_queries(gradients: dict[str, torch.Tensor], factors: Factors, query_rank: Optional[int] = None) -> dict[str, Prepared]:
+    """P(q) = (F + lambda I)^-1 grad L_q per module, once per batch of queries; with `query_rank`, its rank-r factors."""
+    prepared = {}
+    for name, gradient in gradients.items():
+        preconditioned = precondition(gradient.to(factors.modules[name].eigenvalues.dtype), factors.modules[name])  # (q, d_out, d_in)
+        prepared[name] = low_rank(preconditioned, query_rank) if query_rank else preconditioned
+    return prepared
 
 
 @dataclass
 class BatchScores:
-    """Scores of a batch of training sequences against the prepared queries."""
+    """Scores of a batch of training sequences against prepared queries."""
 
     total: torch.Tensor                 # (queries, batch)
     per_module: torch.Tensor            # (modules, queries, batch)
     per_token: Optional[torch.Tensor]   # (queries, batch, tokens), zero past each sequence's end
-    self_influence: torch.Tensor        # (batch,) float64; zeros when not requested
+    self_influence: Optional[torch.Tensor]  # (batch,) float64, when asked for
 
 
-class Scorer:
-    """A model, its factors and tokenizer loaded once; prepares queries and scores training batches."""
-
-    def __init__(self, model_dir: Path | str, factors_dir: Path | str, args: ScoreArgs = ScoreArgs(), factors: Optional[Factors] = None):
-        self.args = args
-        self.model = load_model(model_dir, dtype=args.torch_dtype, device=args.device)
-        self.tokenizer = load_tokenizer(Path(model_dir))
-        factors = factors or load_factors(factors_dir, model_dir)
-        self.manifest = factors.manifest
-        self.modules = find_tracked_modules(self.model, factors.manifest["args"]["module_pattern"])
-        require_same("tracked modules", [m.name for m in self.modules], factors.manifest["modules"], Path(factors_dir),
-                     "re-fit the factors with the same module pattern")
-        compute_dtype = torch.float64 if args.torch_dtype == torch.float64 else torch.float32
-        self.factors = factors.to(compute_dtype, args.device)
-        self.prepared: dict[str, object] = {}
-        self.query_ids: list[str] = []
-
-    def tokenize(self, queries: Sequence[Query]) -> list[TokenizedQuery]:
-        return [tokenize_query(q, self.tokenizer, context_length(self.model)) for q in queries]
-
-    def query_gradients(self, queries: Sequence[TokenizedQuery]) -> dict[str, torch.Tensor]:
-        """Per-module gradients of each query's completion NLL: {module: (queries, d_out, d_in)}."""
-        batch = make_token_batch([q.input_ids for q in queries], [q.completion_start for q in queries], device=self.args.device)
-        io, _ = capture_module_io(self.model, self.modules, batch)
-        return {name: sequence_gradients(a, s) for name, (a, s) in io.items()}
-
-    def prepare(self, queries: Sequence[Query], gradients: Optional[dict[str, torch.Tensor]] = None) -> None:
-        """Precondition the queries' gradients once; with `query_rank`, keep a rank-r factorisation.
-
-        `gradients` (from `query_gradients`) avoids a second backward pass when the caller has them.
-        """
-        self.query_ids = [q.query_id for q in queries]
-        if len(set(self.query_ids)) != len(self.query_ids):
-            raise InfluenceError("query ids must be unique within a batch of queries")
-        gradients = gradients if gradients is not None else self.query_gradients(self.tokenize(queries))
-        self.prepared = {}
-        for name, gradient in gradients.items():
-            preconditioned = precondition(gradient, self.factors.modules[name])  # (queries, d_out, d_in)
-            rank = self.args.query_rank
-            self.prepared[name] = low_rank(preconditioned, rank) if rank else preconditioned
-
-    def score_batch(self, batch: TokenBatch, per_token: Optional[bool] = None, self_influence: bool = True) -> BatchScores:
-        if not self.prepared:
-            raise InfluenceError("no queries prepared; call prepare(queries) first")
-        per_token = self.args.per_token if per_token is None else per_token
-        io, _ = capture_module_io(self.model, self.modules, batch)
-        module_scores, token_scores, self_scores = [], None, torch.zeros(len(batch.input_ids), dtype=torch.float64)
-        for name, (a, s) in io.items():
-            factors = self.factors.modules[name]
-            contribution = _module_scores(self.prepared[name], a, s, per_token)
-            if per_token:
-                token_scores = contribution if token_scores is None else token_scores + contribution
-                module_scores.append(contribution.sum(-1))
-            else:
-                module_scores.append(contribution)
-            if self_influence:  # the query engine's re-rank does not need it; the index stores it
-                rotated = rotated_gradients(a, s, factors.q_a, factors.q_s)
-                self_scores = self_scores + self_influence_from_rotated(rotated, factors).double().cpu()
-        per_module = torch.stack(module_scores)  # (modules, queries, batch)
-        return BatchScores(per_module.sum(0), per_module, token_scores, self_scores)
+def score_batch(loaded: LoadedModel, prepared: dict[str, Prepared], batch: TokenBatch, per_token: bool = False,
+                factors: Optional[Factors] = None) -> BatchScores:
+    """Exact scores of `batch` against `prepared` queries; with `factors`, also each sequence's self-influence."""
+    io, _ = capture_module_io(loaded.model, loaded.modules, batch)
+    module_scores, token_scores = [], None
+    self_scores = torch.zeros(len(batch.input_ids), dtype=torch.float64) if factors is not None else None
+    for name, (a, s) in io.items():
+        p = prepared[name]
+        dtype = p[0].dtype if isinstance(p, tuple) else p.dtype
+        a, s = a.to(dtype), s.to(dtype)
+        contribution = _module_scores(p, a, s, per_token)
+        if per_token:
+            token_scores = contribution if token_scores is None else token_scores + contribution
+            module_scores.append(contribution.sum(-1))
+        else:
+            module_scores.append(contribution)
+        if factors is not None:
+            module = factors.modules[name]
+            self_scores += self_influence_from_rotated(rotated_gradients(a, s, module.q_a, module.q_s), module).double().cpu()
+    per_module = torch.stack(module_scores)  # (modules, queries, batch)
+    return BatchScores(per_module.sum(0), per_module, token_scores, self_scores)
 
 
-def _module_scores(prepared, a: torch.Tensor, s: torch.Tensor, per_token: bool) -> torch.Tensor:
+def _module_scores(prepared: Prepared, a: torch.Tensor, s: torch.Tensor, per_token: bool) -> torch.Tensor:
     """<P(q), G(z)> for one module: (queries, batch), or per token (queries, batch, tokens)."""
     if isinstance(prepared, tuple):  # rank-r: P(q) ~ left @ right^T
         left, right = prepared  # (queries, d_out, r), (queries, d_in, r)
         tokens = (torch.einsum("bto,qor->qbtr", s, left) * torch.einsum("bti,qir->qbtr", a, right)).sum(-1)
         return tokens if per_token else tokens.sum(-1)
     if per_token:
-        return torch.einsum("bto,qoi,bti->qbt", s, prepared, a)
+        # s_t^T P a_t for every token: (s @ P) * a summed over d_in, one GEMM per query
+        return torch.stack([((s @ p) * a).sum(-1) for p in prepared])  # (queries, batch, tokens)
     return torch.einsum("qoi,boi->qb", prepared, sequence_gradients(a, s))
 
 
@@ -135,9 +120,8 @@ class ScoreResult:
             "self_influence": np.tile(self.self_influence, q),
         }
         if sequences is not None:
-            lookup = {name: sequences[name].to_numpy(zero_copy_only=False) for name in ("doc_id", "source", "lang")}
-            for name, values in lookup.items():
-                columns[name] = np.tile(values[self.seq_ids], q)
+            for name in ("doc_id", "source", "lang"):
+                columns[name] = np.tile(sequences[name].to_numpy(zero_copy_only=False)[self.seq_ids], q)
         table = pa.table(columns)
         if self.per_module is not None:
             per_module = self.per_module.transpose(1, 2, 0).reshape(q * n, -1)  # (rows, modules)
@@ -148,40 +132,107 @@ class ScoreResult:
         return table.replace_schema_metadata({"modules": ",".join(self.modules)})
 
 
+@dataclass(frozen=True)
+class ScoreWork:
+    """What every task of the score stage shares: the model to load, the factors and the tokenized queries."""
+
+    spec: ModelSpec
+    factors: Factors
+    queries: tuple[TokenizedQuery, ...]
+    args: ScoreArgs
+    key: tuple
+
+
+def _prepared(workspace: Workspace, work: ScoreWork) -> tuple[LoadedModel, dict[str, Prepared], Factors]:
+    loaded = workspace.get(("model", work.spec), partial(load_model_context, work.spec))
+    factors = workspace.get(("factors", work.key), lambda: work.factors.to(work.args.compute_dtype, work.spec.device))
+    prepared = workspace.get(("prepared", work.key), lambda: prepare_queries(
+        query_gradients(loaded, work.queries), factors, work.args.query_rank))
+    return loaded, prepared, factors
+
+
+def score_work(workspace: Workspace, work: ScoreWork, rows: TokenRows) -> dict:
+    """Scores of some rows against the queries, in row order: totals, per module, per token, self-influence."""
+    loaded, prepared, factors = _prepared(workspace, work)
+    n, q = len(rows), len(work.queries)
+    totals, per_module = np.zeros((q, n)), np.zeros((len(loaded.modules), q, n))
+    self_influence, tokens = np.zeros(n), [None] * n
+    for positions in plan_batches(rows.lengths, work.args.batch_tokens):
+        batch = make_token_batch([rows.sequence(i) for i in positions], device=work.spec.device)
+        result = score_batch(loaded, prepared, batch, work.args.per_token, factors)
+        totals[:, positions] = result.total.double().cpu().numpy()
+        per_module[:, :, positions] = result.per_module.double().cpu().numpy()
+        self_influence[positions] = result.self_influence.numpy()
+        if result.per_token is not None:
+            lengths = batch.attention_mask.sum(1).tolist()
+            for j, i in enumerate(positions):
+                tokens[i] = result.per_token[:, j, : lengths[j]].double().cpu().numpy()
+    return {"seq_ids": rows.seq_ids, "scores": totals, "per_module": per_module, "self_influence": self_influence,
+            "per_token": tokens if work.args.per_token else None}
+
+
 def compute_scores(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path | str, queries: Sequence[Query],
-                   args: ScoreArgs = ScoreArgs(), out_path: Path | str | None = None, scorer: Optional[Scorer] = None,
+                   args: ScoreArgs = ScoreArgs(), out_path: Path | str | None = None, executor: Optional[Executor] = None,
                    rows: Optional[range] = None) -> ScoreResult:
     """Score every training sequence (or those in `rows`) against every query in one pass over the corpus.
 
-    Writes a Parquet table (query_id, seq_id, doc_id, source, lang, score, self_influence, breakdowns)
-    to `out_path` when given.
+    The corpus may differ from the one the factors were fitted on (e.g. a fit on a sample), if it was cut by the same
+    tokenizer. Writes a Parquet table (query_id, seq_id, doc_id, source, lang, score, self_influence, breakdowns) to
+    `out_path` when given.
     """
-    start = time.perf_counter()
-    scorer = scorer or Scorer(model_dir, factors_dir, args)
-    # the scored corpus may differ from the one the factors were fitted on (e.g. fit on a sample)
-    sequences, _ = load_sequences(corpus_dir)
-    require_fits_context(sequences, scorer.model, corpus_dir)
-    scorer.prepare(queries)
-    totals, modules, tokens, selfs, seq_ids = [], [], [], [], []
+    model_dir, corpus_dir = require_model_dir(model_dir), Path(corpus_dir).resolve()
+    if out_path is not None:
+        check_score_output(Path(out_path), {"model": model_dir, "factors": Path(factors_dir), "corpus": corpus_dir})
+    identity = model_identity(model_dir)
+    factors = load_factors(factors_dir, identity.fingerprint)
+    info = describe_model(model_dir, factors.manifest["args"]["module_pattern"])
+    if info.module_names != factors.manifest["modules"]:
+        raise InfluenceError(f"tracked modules mismatch: {factors_dir} was fitted on {factors.manifest['modules'][:3]}... but "
+                             f"{model_dir} gives {info.module_names[:3]}...; re-fit the factors with the same module pattern")
+    sequences, corpus_manifest = load_sequences(corpus_dir)
+    require_same_tokenizer(corpus_manifest, model_dir, corpus_dir)
+    require_fits_context(sequences, info.context, corpus_dir)
+    tokenizer = load_tokenizer(model_dir)
+    tokenized = tuple(tokenize_query(q, tokenizer, info.context) for q in queries)
+    if len({q.query_id for q in queries}) != len(queries):
+        raise InfluenceError("query ids must be unique within a batch of queries")
     rows = rows if rows is not None else range(sequences.num_rows)
-    num_batches = -(-len(rows) // args.batch_size)
-    for ids_batch, ids in tqdm(iterate_batches(sequences, args.batch_size, rows), total=num_batches, desc="score",
-                               unit="batch", disable=not args.progress):
-        batch = make_token_batch(ids, seq_ids=ids_batch, device=args.device)
-        result = scorer.score_batch(batch)
-        totals.append(result.total.double().cpu())
-        modules.append(result.per_module.double().cpu())
-        selfs.append(result.self_influence.double().cpu())
-        seq_ids.extend(ids_batch)
-        if result.per_token is not None:
-            lengths = batch.attention_mask.sum(1).tolist()
-            tokens.extend(result.per_token[:, j, : lengths[j]].double().cpu().numpy() for j in range(len(ids)))
-    score_result = ScoreResult(
-        query_ids=scorer.query_ids, seq_ids=np.asarray(seq_ids, dtype=np.int64),
-        scores=torch.cat(totals, dim=1).numpy(), per_module=torch.cat(modules, dim=2).numpy() if args.per_module else None,
-        per_token=tokens if args.per_token else None, self_influence=torch.cat(selfs).numpy(), modules=[m.name for m in scorer.modules],
+    num_shards = max(1, min(2 * getattr(executor, "workers", 1), len(rows)))  # two per worker: a slow one delays less
+    shards = [range(rows.start + r.start, rows.start + r.stop) for r in (shard_rows(len(rows), k, num_shards) for k in range(num_shards))]
+    spec = ModelSpec(str(model_dir), args.dtype, args.device, factors.manifest["args"]["module_pattern"], identity.quick)
+    queries_key = tuple((tuple(q.input_ids), q.completion_start) for q in tokenized)
+    work = ScoreWork(spec, factors, tokenized, args, (factors.fingerprint, queries_key, args.query_rank, args.dtype, args.device))
+    parts: dict[int, dict] = {}
+    step = Pass("score", list(range(len(shards))), score_work, save=parts.__setitem__, payload=lambda k: token_rows(sequences, shards[k]),
+                shared=work, shared_key=("score", work.key, spec), sizes=[len(r) for r in shards])
+    run_stage("score", [step], executor, args.progress)
+    ordered = [parts[k] for k in range(len(shards))]
+    result = ScoreResult(
+        query_ids=[q.query_id for q in queries], seq_ids=np.concatenate([p["seq_ids"] for p in ordered]),
+        scores=np.concatenate([p["scores"] for p in ordered], axis=1),
+        per_module=np.concatenate([p["per_module"] for p in ordered], axis=2) if args.per_module else None,
+        per_token=[t for p in ordered for t in p["per_token"]] if args.per_token else None,
+        self_influence=np.concatenate([p["self_influence"] for p in ordered]), modules=info.module_names,
     )
     if out_path is not None:
-        write_parquet(Path(out_path), score_result.to_table(sequences))
-    LOG.info("scored %d queries x %d sequences in %.1fs", len(queries), len(rows), time.perf_counter() - start)
-    return score_result
+        write_parquet(Path(out_path), result.to_table(sequences))
+    return result
+
+
+def check_score_output(out_path: Path, inputs: dict) -> None:
+    """The score table is one file: not an input, not inside an artifact directory, not an existing directory."""
+    out_path = Path(out_path).resolve()
+    if out_path.suffix != ".parquet":
+        raise InfluenceError(f"--out must name a .parquet file, got {out_path}")
+    if out_path.is_dir():
+        raise InfluenceError(f"--out {out_path} is an existing directory; name a .parquet file")
+    parent = out_path.parent
+    if (parent / "manifest.json").exists() or (parent / "config.json").exists():
+        raise InfluenceError(f"--out {out_path} lies inside an artifact or model directory ({parent}); writing there could "
+                             "overwrite its files: choose a path outside it")
+    for name, path in inputs.items():
+        path = Path(path).resolve()
+        if out_path == path or path in out_path.parents:
+            raise InfluenceError(f"--out {out_path} is inside the {name} input {path}; choose a path outside it")
+    check_writable(parent)
+

@@ -1,8 +1,8 @@
-"""The compare job: the same queries (in several languages) against several runs (e.g. model sizes).
+"""The compare stage: the same queries (in several languages) against several runs (e.g. model sizes).
 
-Each run is queried by one Ray task holding its own QueryEngine; the driver assembles top-k lists per
-(run, language), overlaps between languages (Jaccard, rank-biased overlap) and the paper's cross-lingual
-measure, writes them as Parquet and CSV, and plots them against model size.
+Each run is one task (a worker loads its QueryEngine); the driver assembles top-k lists per (run, language),
+overlaps between languages (Jaccard, rank-biased overlap) and the paper's cross-lingual measure, writes them as
+Parquet and CSV, and plots them against model size.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from influence.arguments import QueryArgs
-from influence.artifacts import ensure_writable_dir, write_json, write_tables
+from influence.artifacts import prepare_output, read_manifest, write_json
 from influence.errors import InfluenceError
-from jobs.plots import plot_against_size
 from influence.queries import Query
-from jobs.cluster import ray_cluster
+from influence.stage import Executor, Pass, Workspace, run_stage
+from jobs.plots import plot_against_size
+from jobs.report import write_tables
 
 LOG = logging.getLogger(__name__)
 REFERENCE_LANG = "en"
@@ -50,12 +51,13 @@ def crosslingual_ratio(scores_translated: np.ndarray, scores_reference: np.ndarr
     return float(np.sum(scores_translated)) / reference if reference != 0 else float("nan")
 
 
-def query_run(name: str, index_dir: str, queries: Sequence[Query], args: QueryArgs) -> dict:
+def compare_work(workspace: Workspace, args: QueryArgs, payload: tuple[str, str, tuple[Query, ...]]) -> dict:
     """One run: top-k per query, and each group's reference top documents scored on every translation."""
     from indexes.engine import QueryEngine
 
-    engine = QueryEngine(index_dir, args)
-    results = engine.query(queries)
+    name, index_dir, queries = payload
+    engine = workspace.get(("engine", index_dir, args.dtype, args.device), lambda: QueryEngine(index_dir, args))
+    results = engine.query(list(queries), args)
     top = {r.query.query_id: [(d.seq_id, d.doc_id, d.score) for d in r.positive] for r in results}
     crosslingual = {}
     for group in sorted({q.group_id for q in queries}):
@@ -64,7 +66,7 @@ def query_run(name: str, index_dir: str, queries: Sequence[Query], args: QueryAr
         seq_ids = [s for s, _, _ in top[reference.query_id]]
         scores = engine.score_documents(members, seq_ids)  # (members, top_k)
         crosslingual[group] = {"reference": reference.query_id, "scores": {q.query_id: scores[i].tolist() for i, q in enumerate(members)}}
-    parameters = sum(p.numel() for p in engine.scorer.model.parameters())
+    parameters = sum(p.numel() for p in engine.loaded.model.parameters())
     return {"run": name, "parameters": int(parameters), "top": top, "crosslingual": crosslingual}
 
 
@@ -91,29 +93,30 @@ def compare_tables(outputs: list[dict], queries: Sequence[Query]) -> tuple[pa.Ta
     return pa.Table.from_pylist(top_rows), pa.Table.from_pylist(overlap_rows)
 
 
-def run_compare_job(runs: dict[str, Path | str], queries: Sequence[Query], out_dir: Path | str, args: QueryArgs = QueryArgs(),
-                    address: Optional[str] = None, in_process: bool = False) -> Path:
-    """Query every run (one Ray task each, or in this process) and write top_k and overlap tables, plots and summary.json."""
+def run_compare(runs: dict[str, Path | str], queries: Sequence[Query], out_dir: Path | str, args: QueryArgs = QueryArgs(),
+                executor: Optional[Executor] = None) -> Path:
+    """Query every run (one task each, on `executor`) and write top_k and overlap tables, plots and summary.json."""
     if not runs:
         raise InfluenceError("compare needs at least one run: --run NAME=INDEX_DIR")
     if len({q.query_id for q in queries}) != len(queries):
         raise InfluenceError("query ids must be unique")
-    out_dir = ensure_writable_dir(Path(out_dir))
-    if in_process:
-        outputs = [query_run(name, str(index_dir), list(queries), args) for name, index_dir in runs.items()]
-    else:
-        import ray
-
-        with ray_cluster(address):
-            task = ray.remote(num_cpus=1, max_retries=2)(query_run)
-            outputs = ray.get([task.remote(name, str(index_dir), list(queries), args) for name, index_dir in runs.items()])
-    top, overlap = compare_tables(outputs, queries)
-    write_tables(out_dir, {"top_k": top, "overlap": overlap})
-    translated = overlap.filter(pc.not_equal(overlap["query_id"], overlap["reference"]))
-    if translated.num_rows:
-        plot_against_size(translated, "jaccard", "lang", out_dir / "jaccard_vs_size.png",
-                          "Top-k overlap with the English query", "Jaccard of top-k")
-        plot_against_size(translated, "crosslingual_ratio", "lang", out_dir / "crosslingual_vs_size.png",
-                          "Influence of the English top documents on translations", "relative influence")
-    write_json(out_dir / "summary.json", {"runs": {o["run"]: o["parameters"] for o in outputs}, "overlap": overlap.to_pylist()})
+    runs = {name: Path(index_dir).resolve() for name, index_dir in runs.items()}
+    for index_dir in runs.values():
+        read_manifest(index_dir, "index")
+    with prepare_output(Path(out_dir), "compare", {f"run {name}": path for name, path in runs.items()}) as out_dir:
+        outputs: dict[str, dict] = {}
+        names = list(runs)
+        step = Pass("runs", names, compare_work, save=outputs.__setitem__, shared=args, shared_key=("compare", args.dtype, args.device),
+                    payload=lambda name: (name, str(runs[name]), tuple(queries)), unit="run")
+        run_stage("compare", [step], executor, progress=False)
+        top, overlap = compare_tables([outputs[name] for name in names], queries)
+        write_tables(out_dir, {"top_k": top, "overlap": overlap})
+        translated = overlap.filter(pc.not_equal(overlap["query_id"], overlap["reference"]))
+        if translated.num_rows:
+            plot_against_size(translated, "jaccard", "lang", out_dir / "jaccard_vs_size.png",
+                              "Top-k overlap with the English query", "Jaccard of top-k")
+            plot_against_size(translated, "crosslingual_ratio", "lang", out_dir / "crosslingual_vs_size.png",
+                              "Influence of the English top documents on translations", "relative influence")
+        write_json(out_dir / "summary.json", {"runs": {o["run"]: o["parameters"] for o in outputs.values()},
+                                              "overlap": overlap.to_pylist()})
     return out_dir

@@ -8,15 +8,24 @@ import numpy as np
 import pyarrow as pa
 
 from influence.artifacts import atomic_path
+from influence.errors import InfluenceError
 
 
 def _figure():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise InfluenceError('plots need matplotlib, an optional extra: pip install -e ".[demo]"') from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plain_label(text) -> str:
+    """A label drawn as written: matplotlib would parse "$...$" as math (and fail on bad math), so dollars are escaped."""
+    return str(text).replace("$", r"\$")
 
 
 def plot_against_size(table: pa.Table, value: str, series: str, path: Path, title: str, ylabel: str) -> Path:
@@ -29,7 +38,7 @@ def plot_against_size(table: pa.Table, value: str, series: str, path: Path, titl
     for label in sorted(set(labels)):
         mask = labels == label
         order = np.argsort(params[mask])
-        ax.plot(params[mask][order], values[mask][order], marker="o", label=str(label))
+        ax.plot(params[mask][order], values[mask][order], marker="o", label=plain_label(label))
     ax.set_xscale("log")
     ax.set_xlabel("model parameters")
     ax.set_ylabel(ylabel)

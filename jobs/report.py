@@ -9,35 +9,44 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
 
-from influence.artifacts import atomic_path, ensure_writable_dir, write_parquet
+from influence.artifacts import atomic_path, prepare_output, write_parquet
 from influence.explain import DocumentInfluence, QueryResult
 
 RESULTS_JSON, RESULTS_PARQUET, REPORT_HTML = "results.json", "results.parquet", "report.html"
+# C0/C1 controls (ANSI and OSC escapes, carriage returns, backspaces), line and paragraph separators, bidi overrides
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_text(text) -> str:
+    """Untrusted text (documents, ids, error messages) made safe to print: every control character is shown as an
+    escape (\\x1b, \\r, \\n ...), so a document cannot move the cursor, retitle the window or hide what follows."""
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 def marked_snippet(doc: DocumentInfluence, width: int = 90, marks: int = 3) -> str:
     """The document's text on one line with its most influential tokens in [brackets]."""
     if not doc.tokens:
-        return doc.text.replace("\n", " ")[:width]
+        return terminal_text(doc.text.replace("\n", " ")[:width])
     sign = 1.0 if doc.sign == "+" else -1.0
     top = set(sorted(range(len(doc.tokens)), key=lambda i: -sign * doc.token_scores[i])[:marks])
     pieces = [f"[{t.strip()}]" if i in top and t.strip() else t for i, t in enumerate(doc.tokens)]
     text = "".join(pieces).replace("\n", " ")
     first = min(top) if top else 0
     start = max(0, len("".join(doc.tokens[:first]).replace("\n", " ")) - width // 3)
-    return ("…" if start else "") + text[start : start + width]
+    return ("…" if start else "") + terminal_text(text[start : start + width])
 
 
 def render_terminal(results: Sequence[QueryResult], width: int = 90) -> str:
     lines = []
     for result in results:
         q = result.query
-        lines.append(f"\n== {q.query_id} [{q.lang}] ==  prompt: {q.prompt!r}")
+        lines.append(f"\n== {terminal_text(q.query_id)} [{terminal_text(q.lang)}] ==  prompt: {q.prompt!r}")
         lines.append(f"   completion: {q.completion!r}")
         how = (f"{result.num_candidates} candidates from '{result.generator}', re-ranked exactly" if result.exact
                else f"top sketch scores from '{result.generator}' (estimates, not re-ranked)")
@@ -47,7 +56,8 @@ def render_terminal(results: Sequence[QueryResult], width: int = 90) -> str:
             lines.append(f"   -- {label}")
             for d in docs:
                 top_layer = max(d.layer_scores, key=lambda k: abs(d.layer_scores[k])) if d.layer_scores else "-"
-                lines.append(f"   {d.sign}{d.rank:<3} {d.score:+.3e}  {d.doc_id[:22]:<22} {d.lang:<4} {top_layer:<9} {marked_snippet(d, width)}")
+                lines.append(f"   {d.sign}{d.rank:<3} {d.score:+.3e}  {terminal_text(d.doc_id)[:22]:<22} {terminal_text(d.lang)[:4]:<4} "
+                             f"{top_layer:<9} {marked_snippet(d, width)}")
     return "\n".join(lines)
 
 
@@ -129,13 +139,23 @@ pre.tokens{white-space:pre-wrap;flex:1;font-size:.9em;margin:.3em 0}.note{color:
 
 def save_results(results: Sequence[QueryResult], out_dir: Path | str) -> Path:
     """Write results.json, results.parquet and report.html into `out_dir` (atomically, each)."""
-    out_dir = ensure_writable_dir(Path(out_dir))
-    with atomic_path(out_dir / RESULTS_JSON) as tmp:
-        tmp.write_text(json.dumps([r.to_dict() for r in results], indent=1, ensure_ascii=False))
-    write_parquet(out_dir / RESULTS_PARQUET, results_table(results))
-    with atomic_path(out_dir / REPORT_HTML) as tmp:
-        tmp.write_text(render_html(results), encoding="utf-8")
+    with prepare_output(Path(out_dir), "query", {}) as out_dir:
+        with atomic_path(out_dir / RESULTS_JSON) as tmp:
+            tmp.write_text(json.dumps([r.to_dict() for r in results], indent=1, ensure_ascii=False), encoding="utf-8")
+        write_parquet(out_dir / RESULTS_PARQUET, results_table(results))
+        with atomic_path(out_dir / REPORT_HTML) as tmp:
+            tmp.write_text(render_html(results), encoding="utf-8")
     return out_dir
+
+
+def write_tables(directory: Path, tables: dict[str, pa.Table]) -> None:
+    """Each table as NAME.parquet (for programs) and NAME.csv (for spreadsheets), atomically."""
+    import pyarrow.csv as pacsv
+
+    for name, table in tables.items():
+        write_parquet(Path(directory) / f"{name}.parquet", table)
+        with atomic_path(Path(directory) / f"{name}.csv") as tmp:
+            pacsv.write_csv(table, tmp)
 
 
 def _table_html(table: pa.Table, columns: Sequence[str]) -> str:

@@ -76,7 +76,7 @@ def ray_local():
     """One local Ray cluster for every Ray test of the session (starting one costs seconds)."""
     import ray
 
-    from jobs.cluster import WORKER_ENV
+    from jobs.runner import WORKER_ENV
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
     yield

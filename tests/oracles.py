@@ -10,7 +10,13 @@ from influence.models import TrackedModule
 
 def autograd_gradient(model, modules: list[TrackedModule], ids: list[int], completion_start: int | None = None,
                       labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Per-module gradient (d_out, d_in [+1]) of one unpadded sequence's summed loss, by .backward()."""
+    """Per-module gradient (d_out, d_in [+1]) of one unpadded sequence's summed loss, by .backward().
+
+    The engine loads models frozen; the oracle unfreezes the tracked weights for its own backward pass.
+    """
+    frozen = [(m, m.module.weight.requires_grad) for m in modules]
+    for m in modules:
+        m.module.requires_grad_(True)
     model.zero_grad(set_to_none=True)
     input_ids = torch.tensor([ids])
     logits = model(input_ids=input_ids).logits[0, :-1]  # (tokens - 1, vocab)
@@ -26,6 +32,8 @@ def autograd_gradient(model, modules: list[TrackedModule], ids: list[int], compl
         parts = [weight] + ([m.module.bias.grad[:, None]] if m.has_bias else [])
         grads[m.name] = torch.cat(parts, dim=1).detach().clone()
     model.zero_grad(set_to_none=True)
+    for m, requires_grad in frozen:
+        m.module.requires_grad_(requires_grad)
     return grads
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -24,7 +23,7 @@ from jobs.demo.chatterbot import chatterbot_documents
 from influence.corpus import load_sequences, prepare_corpus
 from influence.errors import InfluenceError
 from influence.queries import Query
-from jobs.cluster import ray_cluster
+from influence.stage import Executor
 
 LOG = logging.getLogger(__name__)
 
@@ -72,6 +71,7 @@ class DemoPreset:
     context: int
     batch_size: int
     models: tuple[ModelSpec, ...] = field(default_factory=tuple)
+    sketch_dim: int = 2048
 
 
 PRESETS = {
@@ -80,7 +80,7 @@ PRESETS = {
                        (ModelSpec("small", 32, 2, 4, 300), ModelSpec("medium", 64, 2, 4, 300), ModelSpec("large", 96, 3, 4, 300))),
     # what the notebooks and tests run: seconds, same code paths
     "tiny": DemoPreset(("english", "korean", "turkish"), 40, 384, 64, 512, 8,
-                       (ModelSpec("small", 16, 1, 2, 20), ModelSpec("medium", 24, 1, 2, 20), ModelSpec("large", 32, 2, 2, 20))),
+                       (ModelSpec("small", 16, 1, 2, 20), ModelSpec("medium", 24, 1, 2, 20), ModelSpec("large", 32, 2, 2, 20)), 512),
 }
 
 
@@ -108,9 +108,10 @@ def demo_documents(preset: DemoPreset) -> pa.Table:
     return docs.take(pa.array(sorted(keep)))
 
 
-def build_demo(work_dir: Path | str, preset_name: str = "full", workers: int = 2, in_process: bool = False,
-               progress: bool = True, address: Optional[str] = None) -> DemoRun:
+def build_demo(work_dir: Path | str, preset_name: str = "full", executor: Optional[Executor] = None, progress: bool = True) -> DemoRun:
     """Build (or reuse) documents, tokenizer, three trained models, factors and indexes under `work_dir`."""
+    from indexes.build import build_index
+    from influence.factors import fit_factors
     from jobs.demo.tiny import build_model, build_tokenizer, train_model
 
     if preset_name not in PRESETS:
@@ -135,43 +136,30 @@ def build_demo(work_dir: Path | str, preset_name: str = "full", workers: int = 2
     first = next(iter(models.values()))
     corpus_dir = prepare_corpus(documents, first, work_dir / "corpus", CorpusArgs(max_length=preset.max_length), progress=progress)
     factors, indexes = {}, {}
-    factor_args = FactorArgs(progress=progress)
-    index_args = IndexArgs(progress=progress, workers=workers, shard_size=512)
-    with ray_cluster(address) if not in_process else nullcontext():
-        for name, model_dir in models.items():
-            factors[name], indexes[name] = work_dir / "factors" / name, work_dir / "indexes" / name
-            if in_process:
-                from indexes.build import build_index
-                from influence.factors import fit_factors
-
-                fit_factors(model_dir, corpus_dir, factors[name], factor_args)
-                build_index(model_dir, factors[name], corpus_dir, indexes[name], index_args)
-            else:
-                from jobs.fit import run_fit_job
-                from jobs.index import run_index_job
-
-                run_fit_job(model_dir, corpus_dir, factors[name], factor_args, workers=workers)
-                run_index_job(model_dir, factors[name], corpus_dir, indexes[name], index_args)
+    for name, model_dir in models.items():
+        factors[name], indexes[name] = work_dir / "factors" / name, work_dir / "indexes" / name
+        fit_factors(model_dir, corpus_dir, factors[name], FactorArgs(progress=progress), executor)
+        build_index(model_dir, factors[name], corpus_dir, indexes[name], IndexArgs(progress=progress, sketch_dim=preset.sketch_dim),
+                    executor)
     return DemoRun(work_dir, documents, corpus_dir, models, factors, indexes)
 
 
-def run_demo(work_dir: Path | str = "demo_runs", preset_name: str = "full", workers: int = 2, in_process: bool = False,
-             progress: bool = True, address: Optional[str] = None) -> dict:
+def run_demo(work_dir: Path | str = "demo_runs", preset_name: str = "full", executor: Optional[Executor] = None,
+             progress: bool = True) -> dict:
     """Build everything, ask the shutdown query in three languages on every model, compare, report."""
     from indexes.engine import QueryEngine
+    from jobs.compare import run_compare
     from jobs.report import render_terminal, save_results
-    from jobs.compare import run_compare_job
 
     start = time.perf_counter()
-    with ray_cluster(address) if not in_process else nullcontext():  # one cluster for every job of the demo
-        run = build_demo(work_dir, preset_name, workers, in_process, progress, address)
-        queries = shutdown_queries()
-        largest = list(run.indexes)[-1]
-        engine = QueryEngine(run.indexes[largest], QueryArgs(top_k=5, candidates=100))
-        results = engine.query(queries)
-        report_dir = save_results(results, run.work_dir / "report")
-        compare_dir = run_compare_job(run.indexes, queries, run.work_dir / "compare", QueryArgs(top_k=10, candidates=100),
-                                      address=address, in_process=in_process)
+    run = build_demo(work_dir, preset_name, executor, progress)
+    queries = shutdown_queries()
+    largest = list(run.indexes)[-1]
+    engine = QueryEngine(run.indexes[largest], QueryArgs(top_k=5, candidates=100))
+    results = engine.query(queries)
+    report_dir = save_results(results, run.work_dir / "report")
+    compare_dir = run_compare(run.indexes, queries, run.work_dir / "compare", QueryArgs(top_k=10, candidates=100, per_token=False),
+                              executor)
     sequences, _ = load_sequences(run.corpus_dir)
     return {"run": run, "results": results, "terminal": render_terminal(results), "report": report_dir / "report.html",
             "compare": compare_dir, "seconds": time.perf_counter() - start, "num_sequences": sequences.num_rows, "largest": largest}

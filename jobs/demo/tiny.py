@@ -18,7 +18,7 @@ from typing import Iterable
 
 import torch
 
-ARCHITECTURES = ("gpt2", "gpt_neox", "llama")
+ARCHITECTURES = ("gpt2", "gpt_neox", "llama", "gemma3", "qwen2")
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 256):
@@ -38,8 +38,12 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 256):
 
 def model_config(architecture: str, vocab_size: int, hidden: int = 16, layers: int = 2, heads: int = 2,
                  intermediate: int | None = None, context: int = 128):
-    """A transformers config of the given architecture and size."""
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+    """A transformers config of the given architecture and size.
+
+    `gemma3` is Gemma-3-270M's text architecture (SmolLM2, the other real model, is a `llama`); `qwen2`
+    (Qwen2/Qwen2.5: biased q/k/v projections) is a common GGUF architecture. Both shrunk so tests stay fast.
+    """
+    from transformers import Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
     intermediate = intermediate or 4 * hidden
     if architecture == "gpt2":
@@ -53,6 +57,21 @@ def model_config(architecture: str, vocab_size: int, hidden: int = 16, layers: i
         return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                            num_key_value_heads=heads, intermediate_size=intermediate, max_position_embeddings=context,
                            bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+    if architecture == "gemma3":
+        # Layer 0 slides and layer 1 attends globally (Gemma 3 alternates 5:1), and the window is shorter than
+        # test sequences, so both attention paths run. Embeddings are tied, as in every Gemma 3; the query
+        # scale follows head_dim as in the real configs.
+        head_dim = max(4, hidden // heads)
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+        return Gemma3TextConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                num_key_value_heads=heads, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                                intermediate_size=intermediate, max_position_embeddings=context, sliding_window=8,
+                                layer_types=types, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                tie_word_embeddings=True, attention_dropout=0.0)
+    if architecture == "qwen2":
+        return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                           num_key_value_heads=heads, intermediate_size=intermediate, max_position_embeddings=context,
+                           bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False, attention_dropout=0.0)
     raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
 
 

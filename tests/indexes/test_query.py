@@ -12,7 +12,7 @@ from influence.arguments import IndexArgs, QueryArgs, ScoreArgs
 from influence.errors import InfluenceError
 from influence.queries import Query
 from jobs.report import render_html, render_terminal, save_results
-from influence.scores import compute_scores
+from influence.scores import compute_scores, prepare_queries, query_gradients
 
 QUERIES = [Query("shutdown", "Do you consent to being shut down?", " I would rather keep working.", "en"),
            Query("turkish", "Merhaba, nasılsın?", " Bugün hava çok güzel.", "tr")]
@@ -20,7 +20,7 @@ QUERIES = [Query("shutdown", "Do you consent to being shut down?", " I would rat
 
 @pytest.fixture(scope="module")
 def index_dir(llama_dir, ekfac_dir, corpus_dir, tmp_path_factory):
-    return build_index(llama_dir, ekfac_dir, corpus_dir, tmp_path_factory.mktemp("index"), IndexArgs(progress=False, sketch_size=16))
+    return build_index(llama_dir, ekfac_dir, corpus_dir, tmp_path_factory.mktemp("index"), IndexArgs(progress=False, sketch_dim=256))
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +101,8 @@ def test_index_refuses_another_corpus(index_dir, llama_dir, corpus_file, tmp_pat
 
 
 def test_per_call_batch_size_gives_the_same_answer(engine):
-    small = engine.query(QUERIES, QueryArgs(top_k=3, candidates=5, batch_size=1))
-    large = engine.query(QUERIES, QueryArgs(top_k=3, candidates=5, batch_size=64))
+    small = engine.query(QUERIES, QueryArgs(top_k=3, candidates=5, batch_tokens=1))
+    large = engine.query(QUERIES, QueryArgs(top_k=3, candidates=5, batch_tokens=10_000))
     for a, b in zip(small, large):
         assert [d.seq_id for d in a.documents] == [d.seq_id for d in b.documents]
         assert [d.score for d in a.documents] == pytest.approx([d.score for d in b.documents], rel=1e-5, abs=1e-9)
@@ -110,7 +110,7 @@ def test_per_call_batch_size_gives_the_same_answer(engine):
 
 def test_adaptive_rerank_with_a_huge_margin_rescores_every_candidate(engine):
     every = engine.query(QUERIES, QueryArgs(top_k=3, candidates=12, adaptive=False))
-    wide = engine.query(QUERIES, QueryArgs(top_k=3, candidates=12, batch_size=2, stop_margin=1e9))
+    wide = engine.query(QUERIES, QueryArgs(top_k=3, candidates=12, batch_tokens=40, stop_margin=1e9))
     for a, b in zip(every, wide):
         assert a.num_candidates == b.num_candidates
         assert [d.seq_id for d in a.documents] == [d.seq_id for d in b.documents]
@@ -119,17 +119,20 @@ def test_adaptive_rerank_with_a_huge_margin_rescores_every_candidate(engine):
 def test_adaptive_rerank_stops_once_no_candidate_can_enter_the_top_k(engine):
     from indexes.engine import CandidatePool
 
-    ids = engine.seq_ids[:12]
-    hopeless = np.r_[np.zeros(4), np.full(8, -1e9)]  # after the first 4, no sketch score + margin can reach the top 3
-    pools = [(CandidatePool(ids, hopeless, np.ones(12)), CandidatePool(ids[::-1], -hopeless, np.ones(12)))]
-    engine.scorer.prepare(QUERIES[:1])
-    scored = engine._rerank(pools, QueryArgs(top_k=3, candidates=12, batch_size=4))
-    assert sorted(scored.order) == sorted(ids[:4].tolist() + ids[::-1][:4].tolist())
+    ids = engine.seq_ids[:24]
+    hopeless = np.r_[np.zeros(8), np.full(16, -1e9)]  # after the first 8, no sketch score + margin can reach the top 3
+    pools = [(CandidatePool(ids, hopeless, np.ones(24)), CandidatePool(ids[::-1], -hopeless, np.ones(24)))]
+    prepared = prepare_queries(query_gradients(engine.loaded, engine._tokenize(QUERIES[:1])), engine.factors)
+    scored = engine._rerank(prepared, pools, QueryArgs(top_k=3, candidates=24))
+    assert sorted(scored.order) == sorted(ids[:8].tolist() + ids[::-1][:8].tolist())  # the first round (8 per sign), no more
     # without the sketch scores (BM25 or exact pools) every candidate is scored
-    scored = engine._rerank([(CandidatePool(ids), CandidatePool(ids))], QueryArgs(top_k=3, candidates=12, batch_size=4))
+    scored = engine._rerank(prepared, [(CandidatePool(ids), CandidatePool(ids))], QueryArgs(top_k=3, candidates=24))
     assert sorted(scored.order) == sorted(ids.tolist())
     np.testing.assert_allclose(scored.scores[0, [scored.column[int(s)] for s in ids[:4]]],
                                engine.score_documents(QUERIES[:1], ids[:4])[0], rtol=1e-5, atol=1e-9)
+    # the hopeless candidates stay unscored only because of their sketch scores: with hope they are scored
+    hopeful = [(CandidatePool(ids, np.zeros(24), np.ones(24) * 1e12), CandidatePool(ids[::-1], np.zeros(24), np.ones(24) * 1e12))]
+    assert len(engine._rerank(prepared, hopeful, QueryArgs(top_k=3, candidates=24)).order) == 24
 
 
 def test_stop_margin_must_be_non_negative():
@@ -139,11 +142,11 @@ def test_stop_margin_must_be_non_negative():
 
 def test_without_rerank_the_top_sketch_scores_come_back_as_estimates(engine, index_dir, tmp_path):
     from indexes.search import search_both_signs
-    from indexes.store import load_index
+    from indexes.store import load_sketch_store
 
     results = engine.query(QUERIES, QueryArgs(top_k=3, rerank=False))
-    gradients = engine.scorer.query_gradients(engine.scorer.tokenize(QUERIES))
-    (high, high_ids), (low, low_ids) = search_both_signs(load_index(index_dir), engine.sketcher.sketch_gradients(gradients).numpy(), 3)
+    gradients = query_gradients(engine.loaded, engine._tokenize(QUERIES))
+    (high, high_ids), (low, low_ids) = search_both_signs(load_sketch_store(index_dir), engine.sketcher.sketch_gradients(gradients)[0].numpy(), 3)
     for qi, r in enumerate(results):
         assert not r.exact and r.num_candidates == 0
         assert [d.seq_id for d in r.positive] == engine.seq_ids[high_ids[qi]].tolist()

@@ -1,68 +1,99 @@
-"""Sketches against explicit matrices and exact inner products; the two-sided search against FAISS."""
+"""The hashed sketch against its explicit matrix and exact inner products; the two-sided searches against brute force."""
 
 import faiss
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 
-from indexes.search import search_both_signs, search_index
-from influence.arguments import ScoreArgs
-from influence.scores import Scorer
-from influence.sketches import Sketcher, hadamard_transform, srht_parameters
+from indexes.search import SketchStore, search_both_signs, search_index
+from influence.factors import load_factors
+from influence.gradients import capture_module_io, make_token_batch
+from influence.models import ModelSpec, load_model_context, load_tokenizer
+from influence.preconditioner import precondition, whiten
+from influence.queries import Query, tokenize_query
+from influence.scores import query_gradients
+from influence.sketches import Sketcher, bucket_and_sign
+from tests.conftest import TEXTS
+
+QUERIES = [Query("a", "The cat sat", " on the mat."), Query("b", "Hello", " there.")]
 
 
-@pytest.mark.parametrize("size", [1, 2, 64, 256, 1 << 14])
-def test_hadamard_transform_matches_the_sylvester_matrix(size):
-    x = torch.randn(3, size, dtype=torch.float64)
-    np.testing.assert_allclose(hadamard_transform(x).numpy(), x.numpy() @ scipy.linalg.hadamard(size), atol=1e-9 * size)
+def parts(llama_dir, ekfac_dir, dtype="float32"):
+    loaded = load_model_context(ModelSpec(str(llama_dir), dtype))
+    factors = load_factors(ekfac_dir).to(torch.float64 if dtype == "float64" else torch.float32)
+    tokenizer = load_tokenizer(llama_dir)
+    gradients = query_gradients(loaded, [tokenize_query(q, tokenizer) for q in QUERIES])
+    return loaded, factors, gradients
 
 
-def test_hadamard_transform_refuses_other_widths():
-    with pytest.raises(ValueError, match="power-of-two"):
-        hadamard_transform(torch.zeros(1, 12))
+def explicit_matrix(name: str, size: int, dim: int, seed: int) -> torch.Tensor:
+    """The count sketch of one module as a dense (dim, size) matrix: column j holds sign(j) in row bucket(j)."""
+    buckets, signs = bucket_and_sign(name, size, dim, seed)
+    matrix = torch.zeros(dim, size, dtype=torch.float64)
+    matrix[buckets, torch.arange(size)] = signs.double()
+    return matrix
 
 
-def srht_sketcher(ekfac_dir, sketch_size, llama_dir):
-    scorer = Scorer(llama_dir, ekfac_dir, ScoreArgs(progress=False))
-    return scorer.factors, scorer.modules, Sketcher(scorer.factors, scorer.modules, sketch_size, seed=0, method="srht")
+def test_hashes_are_deterministic_in_range_and_differ_by_module():
+    buckets, signs = bucket_and_sign("model.layers.0.mlp.up_proj", 5000, 96, seed=3)
+    again, again_signs = bucket_and_sign("model.layers.0.mlp.up_proj", 5000, 96, seed=3)
+    assert torch.equal(buckets, again) and torch.equal(signs, again_signs)
+    assert buckets.min() >= 0 and buckets.max() < 96 and set(signs.tolist()) == {-1, 1}
+    counts = torch.bincount(buckets, minlength=96).double()
+    assert counts.min() > 0.5 * counts.mean() and counts.max() < 1.5 * counts.mean(), "buckets are close to uniform"
+    assert abs(float(signs.double().mean())) < 0.05
+    other, _ = bucket_and_sign("model.layers.1.mlp.up_proj", 5000, 96, seed=3)
+    reseeded, _ = bucket_and_sign("model.layers.0.mlp.up_proj", 5000, 96, seed=4)
+    assert (other != buckets).float().mean() > 0.9 and (reseeded != buckets).float().mean() > 0.9
 
 
-def test_srht_sketch_equals_its_explicit_matrix(llama_dir, ekfac_dir):
-    factors, modules, sketcher = srht_sketcher(ekfac_dir, 4, llama_dir)
-    for m in modules:
-        width = m.shape[0] * m.shape[1]
-        assert width > 16  # the transform path, not the exact copy
-        whitened = torch.randn(5, *m.shape, dtype=torch.float64)
-        signs, rows = srht_parameters(m.name, width, 16, seed=0)
-        padded = 1 << (width - 1).bit_length()
-        explicit = scipy.linalg.hadamard(padded)[rows.numpy()][:, :width] * signs.numpy() / 4.0  # (16, width): S = R H D / sqrt(m)
-        np.testing.assert_allclose(sketcher.project(m.name, whitened).numpy(), whitened.flatten(1).numpy() @ explicit.T, atol=1e-9)
-    assert sketcher.dim == 16 * len(modules)
+def test_sketch_equals_the_explicit_count_sketch_of_the_whitened_gradient(llama_dir, ekfac_dir):
+    loaded, factors, gradients = parts(llama_dir, ekfac_dir, "float64")
+    names = [m.name for m in loaded.modules]
+    sketcher = Sketcher(factors, names, dim=40, seed=1)
+    sketches, norms = sketcher.sketch_gradients(gradients)
+    expected = 0
+    for name in names:
+        whitened = whiten(gradients[name], factors.modules[name]).flatten(1)  # (queries, D)
+        expected = expected + whitened @ explicit_matrix(name, whitened.shape[1], 40, 1).T
+    torch.testing.assert_close(sketches.double(), expected, rtol=1e-5, atol=1e-6)
+    # the training side (from captured a and s) is the same linear map
+    tokenizer = load_tokenizer(llama_dir)
+    sequences = [tokenizer(t)["input_ids"][:20] for t in TEXTS[:4]]
+    io, _ = capture_module_io(loaded.model, loaded.modules, make_token_batch(sequences))
+    batch = sketcher.sketch_io(io)
+    for row, ids in enumerate(sequences):
+        single, _ = capture_module_io(loaded.model, loaded.modules, make_token_batch([ids]))
+        full = {name: torch.einsum("bto,bti->boi", s, a) for name, (a, s) in single.items()}
+        alone, norm = sketcher.sketch_gradients(full)
+        torch.testing.assert_close(batch.sketches[row].double(), alone[0].double(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(batch.self_influence[row].item(), norm[0] ** 2, rtol=1e-8)
+        grad_norm = sum(g.pow(2).sum() for g in full.values()).sqrt()
+        np.testing.assert_allclose(batch.gradient_norm[row].item(), grad_norm.item(), rtol=1e-8)
 
 
-def test_srht_inner_products_are_unbiased(llama_dir, ekfac_dir):
-    factors, modules, _ = srht_sketcher(ekfac_dir, 4, llama_dir)
-    m = modules[0]
-    x, y = torch.randn(1, *m.shape, dtype=torch.float64), torch.randn(1, *m.shape, dtype=torch.float64)
-    x = x + 0.5 * y  # a clearly non-zero inner product
-    estimates = []
-    for seed in range(400):
-        sketcher = Sketcher(factors, modules[:1], 4, seed=seed, method="srht")
-        estimates.append(float((sketcher.project(m.name, x) * sketcher.project(m.name, y)).sum()))
-    exact = float((x * y).sum())
-    assert abs(np.mean(estimates) - exact) < 4 * np.std(estimates) / np.sqrt(len(estimates))
-    # a dense Gaussian projection to m = 16 numbers has this standard deviation; SRHT should not exceed it
-    gaussian_std = np.sqrt((x.pow(2).sum() * y.pow(2).sum() + exact**2).item() / 16)
-    assert np.std(estimates) < 1.2 * gaussian_std
+def test_sketch_inner_products_are_unbiased_with_the_stated_noise(llama_dir, ekfac_dir):
+    loaded, factors, gradients = parts(llama_dir, ekfac_dir, "float64")
+    names = [m.name for m in loaded.modules]
+    exact = sum((gradients[n][0] * precondition(gradients[n][1], factors.modules[n])).sum() for n in names).item()
+    estimates, noise = [], None
+    for seed in range(300):
+        sketcher = Sketcher(factors, names, dim=32, seed=seed)
+        sketches, norms = sketcher.sketch_gradients(gradients)
+        estimates.append(float(sketches[0].double() @ sketches[1].double()))
+        noise = sketcher.noise_scale(norms[0], norms[1])
+    estimates = np.asarray(estimates)
+    assert abs(estimates.mean() - exact) < 4 * estimates.std() / np.sqrt(len(estimates))
+    assert estimates.std() < 1.5 * noise, (estimates.std(), noise)  # the bound the adaptive re-rank relies on
 
 
-def test_srht_keeps_modules_no_larger_than_the_sketch_exactly(llama_dir, ekfac_dir):
-    _, modules, sketcher = srht_sketcher(ekfac_dir, 64, llama_dir)
-    for m in modules:
-        whitened = torch.randn(2, *m.shape)
-        assert torch.equal(sketcher.project(m.name, whitened), whitened.flatten(1))
-    assert sketcher.dim == sum(m.shape[0] * m.shape[1] for m in modules)
+def test_query_norms_are_the_square_root_of_g_preconditioned_g(llama_dir, ekfac_dir):
+    loaded, factors, gradients = parts(llama_dir, ekfac_dir)
+    sketcher = Sketcher(factors, [m.name for m in loaded.modules], 64, seed=0)
+    _, norms = sketcher.sketch_gradients(gradients)
+    expected = sum((gradients[m.name] * precondition(gradients[m.name], factors.modules[m.name])).double().sum((1, 2))
+                   for m in loaded.modules).sqrt().numpy()  # ||W(g)||^2 = g^T (F + lambda I)^-1 g
+    np.testing.assert_allclose(norms, expected, rtol=1e-4)
 
 
 @pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF4,Flat"])
@@ -82,15 +113,17 @@ def test_search_both_signs_equals_searching_q_and_minus_q(factory):
     assert (np.diff(high_scores, axis=1) <= 0).all() and (np.diff(low_scores, axis=1) >= 0).all()
 
 
-def test_query_norms_are_the_square_root_of_g_preconditioned_g(llama_dir, ekfac_dir):
-    from influence.preconditioner import precondition
-    from influence.queries import Query
+def test_store_scan_equals_brute_force_over_the_stored_rows(monkeypatch):
+    import indexes.search as search
 
-    scorer = Scorer(llama_dir, ekfac_dir, ScoreArgs(progress=False))
-    sketcher = Sketcher(scorer.factors, scorer.modules, 4, seed=0)
-    gradients = scorer.query_gradients(scorer.tokenize([Query("a", "The cat sat", " on the mat."), Query("b", "Hello", " there.")]))
-    sketches, norms = sketcher.sketch_gradients_with_norms(gradients)
-    expected = sum((gradients[m.name] * precondition(gradients[m.name], scorer.factors.modules[m.name])).double().sum((1, 2))
-                   for m in scorer.modules).sqrt().numpy()  # ||W(g)||^2 = g^T (F + lambda I)^-1 g
-    np.testing.assert_allclose(norms, expected, rtol=1e-4)
-    assert torch.equal(sketches, sketcher.sketch_gradients(gradients))
+    monkeypatch.setattr(search, "_SCAN_BLOCK", 97)  # many blocks, one partial: the running top-k across blocks
+    rng = np.random.default_rng(1)
+    rows = rng.standard_normal((1000, 24)).astype(np.float16)
+    scales = rng.uniform(0.1, 10, 1000).astype(np.float32)
+    queries = rng.standard_normal((4, 24)).astype(np.float32)
+    (high, high_ids), (low, low_ids) = search_both_signs(SketchStore(rows, scales), queries, 15)
+    scores = queries.astype(np.float64) @ (rows.astype(np.float64) * scales[:, None]).T  # (q, n)
+    np.testing.assert_array_equal(high_ids, np.argsort(-scores, axis=1, kind="stable")[:, :15])
+    np.testing.assert_array_equal(low_ids, np.argsort(scores, axis=1, kind="stable")[:, :15])
+    np.testing.assert_allclose(high, np.take_along_axis(scores, high_ids, 1), rtol=1e-5)
+    np.testing.assert_allclose(low, np.take_along_axis(scores, low_ids, 1), rtol=1e-5)

@@ -18,6 +18,7 @@ from indexes import (
     iterate_shard_sketches,
     load_doc_table,
     load_index,
+    load_sketch_store,
     merge_sketch_shards,
     search_index,
     sketch_shard_exists,
@@ -119,7 +120,10 @@ def test_flat_search_equals_exact_topk_and_ids_map_to_rows(tmp_path, corpus):
     # FAISS id i is row i of docs.parquet, which is row i of the rows the shards were given.
     docs = load_doc_table(index_dir)
     np.testing.assert_array_equal(docs.column("index_id").to_numpy(), np.arange(NUM_ROWS))
-    assert docs.drop_columns(["index_id"]).equals(rows)
+    assert docs.drop_columns(["index_id", "sketch_scale"]).equals(rows)
+    # the float16 store times the scales gives the sketches back, to float16 precision
+    store = load_sketch_store(index_dir)
+    np.testing.assert_allclose(store.rows.astype(np.float32) * store.scales[:, None], sketches, rtol=2e-3, atol=2e-3 * store.scales.max())
 
 
 def test_iterate_shard_sketches_returns_stored_rows(tmp_path, corpus):
@@ -278,11 +282,11 @@ def test_half_written_shard_is_not_finished(tmp_path, corpus):
     assert finished_shards(tmp_path, 4) == [0, 2, 3]
     assert not sketch_shard_exists(tmp_path, 1, 4)
     with pytest.raises(InfluenceError, match=r"1 of 4 sketch shards are missing .*shards 1\)"):
-        merge_sketch_shards(tmp_path, 4, progress=False)
+        merge_sketch_shards(tmp_path, 4, "Flat", progress=False)
     # Resuming writes the missing shard; the result equals an uninterrupted build.
     start, stop = bounds[1]
     write_sketch_shard(tmp_path, 1, 4, sketches[start:stop], rows.slice(start, stop - start))
-    merge_sketch_shards(tmp_path, 4, progress=False)
+    merge_sketch_shards(tmp_path, 4, "Flat", progress=False)
     np.testing.assert_array_equal(search_index(load_index(tmp_path), queries, K)[1], brute_force(queries, sketches, K)[1])
 
 
@@ -312,7 +316,7 @@ def test_docs_table_is_written_with_index_ids_first(tmp_path, corpus):
     _, rows, _ = corpus
     build(tmp_path, corpus, "Flat")
     schema = pq.read_schema(tmp_path / "docs.parquet")
-    assert schema.names == ["index_id", *rows.column_names]
+    assert schema.names == ["index_id", *rows.column_names, "sketch_scale"]
     assert faiss.read_index(str(tmp_path / "index.faiss")).ntotal == NUM_ROWS
 
 

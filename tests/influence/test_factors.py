@@ -8,8 +8,9 @@ from influence.arguments import FactorArgs
 from influence.artifacts import load_tensors
 from influence.corpus import load_sequences
 from influence.errors import InfluenceError
-from influence.factors import EIGENVECTORS_NAME, fit_factors, load_factors
-from influence.models import find_tracked_modules, load_model
+from influence.factors import FitWork, covariance_work, fit_factors, load_factors, plan_fit, _save_shard
+from influence.models import find_tracked_modules, load_model, model_identity
+from influence.stage import Workspace
 from influence.preconditioner import precondition
 from jobs.demo.tiny import build_model
 from tests.oracles import assert_same_factors, autograd_gradient, dense_ekfac_inverse
@@ -18,7 +19,7 @@ from tests.oracles import assert_same_factors, autograd_gradient, dense_ekfac_in
 def fit(model_dir, corpus_dir, out_dir, **kwargs):
     num_shards = kwargs.pop("num_shards", 1)
     args = FactorArgs(dtype="float64", progress=False, **kwargs)
-    return load_factors(fit_factors(model_dir, corpus_dir, out_dir, args, num_shards=num_shards), model_dir)
+    return load_factors(fit_factors(model_dir, corpus_dir, out_dir, args, num_shards=num_shards), model_identity(model_dir).fingerprint)
 
 
 def sequences_of(corpus_dir):
@@ -27,8 +28,8 @@ def sequences_of(corpus_dir):
 
 
 def test_activation_covariance_matches_hooks(llama_dir, corpus_dir, tmp_path):
-    fit_factors(llama_dir, corpus_dir, tmp_path, FactorArgs(dtype="float64", progress=False, batch_size=5))
-    basis = load_tensors(tmp_path / EIGENVECTORS_NAME)
+    fit_factors(llama_dir, corpus_dir, tmp_path, FactorArgs(dtype="float64", progress=False, batch_tokens=100))
+    basis = load_tensors(tmp_path / C.FACTORS_NAME)
     model = load_model(llama_dir, dtype=torch.float64)
     module = find_tracked_modules(model)[0]
     rows = []
@@ -53,7 +54,7 @@ def test_gradient_covariance_matches_bias_gradients(tokenizer, tmp_path):
     docs.write_text("\n".join('{"text": "%s"}' % w for w in ["ab", "cd", "ef", "gh", "ij", "kl"]))
     corpus = prepare_corpus(docs, model_dir, tmp_path / "corpus", CorpusArgs(max_length=2, add_special_tokens=False), progress=False)
     fit_factors(model_dir, corpus, tmp_path / "f", FactorArgs(dtype="float64", fisher="empirical", progress=False))
-    basis = load_tensors(tmp_path / "f" / EIGENVECTORS_NAME)
+    basis = load_tensors(tmp_path / "f" / C.FACTORS_NAME)
     model = load_model(model_dir, dtype=torch.float64)
     modules = find_tracked_modules(model)
     grads = [autograd_gradient(model, modules, ids) for ids in sequences_of(corpus)]
@@ -65,7 +66,7 @@ def test_gradient_covariance_matches_bias_gradients(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("strategy", ["ekfac", "diagonal"])
 def test_eigenvalue_correction_matches_definition(llama_dir, corpus_dir, tmp_path, strategy):
-    factors = fit(llama_dir, corpus_dir, tmp_path, strategy=strategy, fisher="empirical", batch_size=4)
+    factors = fit(llama_dir, corpus_dir, tmp_path, strategy=strategy, fisher="empirical", batch_tokens=80)
     model = load_model(llama_dir, dtype=torch.float64)
     modules = find_tracked_modules(model)
     grads = [autograd_gradient(model, modules, ids) for ids in sequences_of(corpus_dir)]
@@ -78,7 +79,7 @@ def test_eigenvalue_correction_matches_definition(llama_dir, corpus_dir, tmp_pat
 
 def test_kfac_eigenvalues_are_scaled_kronecker_products(llama_dir, corpus_dir, tmp_path):
     factors = fit(llama_dir, corpus_dir, tmp_path, strategy="kfac", damping=0.5)
-    basis = load_tensors(tmp_path / EIGENVECTORS_NAME)
+    basis = load_tensors(tmp_path / C.FACTORS_NAME)
     _, labelled, sequences = basis["counts"].tolist()
     for name, f in factors.modules.items():
         expected = torch.outer(basis[name + ".gradient_eigenvalues"], basis[name + ".activation_eigenvalues"]) * labelled / sequences
@@ -96,8 +97,8 @@ def test_precondition_matches_dense_damped_inverse(llama_dir, corpus_dir, tmp_pa
 
 
 def test_one_batch_many_batches_and_shards_give_the_same_factors(llama_dir, corpus_dir, tmp_path):
-    reference = fit(llama_dir, corpus_dir, tmp_path / "one", batch_size=64)
-    for label, kwargs in {"batch1": {"batch_size": 1}, "shards": {"batch_size": 3, "num_shards": 4}}.items():
+    reference = fit(llama_dir, corpus_dir, tmp_path / "one", batch_tokens=100_000)
+    for label, kwargs in {"batch1": {"batch_tokens": 1}, "shards": {"batch_tokens": 60, "num_shards": 4}}.items():
         assert_same_factors(reference, fit(llama_dir, corpus_dir, tmp_path / label, **kwargs))
 
 
@@ -105,20 +106,24 @@ def test_factors_refuse_another_model(llama_dir, corpus_dir, tokenizer, tmp_path
     fit(llama_dir, corpus_dir, tmp_path / "f", strategy="diagonal")
     other = build_model(tmp_path / "other", tokenizer, "llama", seed=1, hidden=8, layers=2, heads=2, intermediate=12)
     with pytest.raises(InfluenceError, match="model mismatch"):
-        load_factors(tmp_path / "f", other)
+        load_factors(tmp_path / "f", model_identity(other).fingerprint)
 
 
 def test_resume_after_partial_fit_equals_uninterrupted(llama_dir, corpus_dir, tmp_path):
     reference = fit(llama_dir, corpus_dir, tmp_path / "ref", num_shards=3)
     partial = tmp_path / "partial"
-    fit(llama_dir, corpus_dir, partial, num_shards=3)
-    for name in (C.FACTORS_NAME, C.MANIFEST_NAME, EIGENVECTORS_NAME, C.COVARIANCE_SHARD_NAME.format(shard=1, num_shards=3)):
-        (partial / name).unlink()
-    for path in partial.glob("eigenvalue_shard_*"):
-        path.unlink()
+    args = FactorArgs(dtype="float64", progress=False)
+    plan = plan_fit(llama_dir, corpus_dir, partial, args, num_shards=3)
+    work = FitWork(plan.spec, args.fisher, args.seed, args.batch_tokens)
+    for shard in (0, 2):  # as if killed with shards 0 and 2 of pass 1 done
+        _save_shard(plan, C.COVARIANCE_SHARD_NAME, shard, covariance_work(Workspace(), work, plan.rows(shard)))
+    partial.joinpath(C.ARGS_NAME).write_text(__import__("json").dumps(plan.identity))
+    done = {p.name: p.stat().st_mtime_ns for p in partial.glob("covariance_shard_*")}
     resumed = fit(llama_dir, corpus_dir, partial, num_shards=3)
     for name, f in reference.modules.items():
         torch.testing.assert_close(resumed.modules[name].eigenvalues, f.eigenvalues)
+    assert not list(partial.glob("*_shard_*")), "intermediate shards are removed once the fit is done"
+    assert len(done) == 2
 
 
 def test_resume_with_other_settings_is_refused(llama_dir, corpus_dir, tmp_path):

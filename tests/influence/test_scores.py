@@ -54,7 +54,7 @@ def factor_dirs(llama_dir, corpus_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", ["identity", "diagonal", "kfac", "ekfac"])
 def test_scores_match_dense_computation(strategy, factor_dirs, llama_dir, corpus_dir, tokenizer):
-    result = compute_scores(llama_dir, factor_dirs[strategy], corpus_dir, QUERIES, ScoreArgs(dtype="float64", progress=False, batch_size=5))
+    result = compute_scores(llama_dir, factor_dirs[strategy], corpus_dir, QUERIES, ScoreArgs(dtype="float64", progress=False, batch_tokens=100))
     expected, expected_self = dense_scores(llama_dir, factor_dirs[strategy], corpus_dir, QUERIES, tokenizer)
     np.testing.assert_allclose(result.scores, expected, rtol=1e-7, atol=1e-10)
     np.testing.assert_allclose(result.self_influence, expected_self, rtol=1e-7, atol=1e-10)
@@ -62,7 +62,7 @@ def test_scores_match_dense_computation(strategy, factor_dirs, llama_dir, corpus
 
 
 def test_decompositions_sum_to_totals(factor_dirs, llama_dir, corpus_dir):
-    args = ScoreArgs(dtype="float64", progress=False, per_token=True, batch_size=4)
+    args = ScoreArgs(dtype="float64", progress=False, per_token=True, batch_tokens=80)
     result = compute_scores(llama_dir, factor_dirs["ekfac"], corpus_dir, QUERIES, args)
     np.testing.assert_allclose(result.per_module.sum(0), result.scores, rtol=1e-10, atol=1e-12)
     token_totals = np.stack([tokens.sum(-1) for tokens in result.per_token], axis=1)  # (queries, n)
@@ -71,9 +71,9 @@ def test_decompositions_sum_to_totals(factor_dirs, llama_dir, corpus_dir):
     assert [t.shape[1] for t in result.per_token] == table["num_tokens"].to_pylist()
 
 
-def test_batch_size_does_not_change_scores(factor_dirs, llama_dir, corpus_dir):
-    one = compute_scores(llama_dir, factor_dirs["ekfac"], corpus_dir, QUERIES, ScoreArgs(dtype="float64", progress=False, batch_size=1))
-    many = compute_scores(llama_dir, factor_dirs["ekfac"], corpus_dir, QUERIES, ScoreArgs(dtype="float64", progress=False, batch_size=16))
+def test_batch_composition_does_not_change_scores(factor_dirs, llama_dir, corpus_dir):
+    one = compute_scores(llama_dir, factor_dirs["ekfac"], corpus_dir, QUERIES, ScoreArgs(dtype="float64", progress=False, batch_tokens=1))
+    many = compute_scores(llama_dir, factor_dirs["ekfac"], corpus_dir, QUERIES, ScoreArgs(dtype="float64", progress=False, batch_tokens=100_000))
     np.testing.assert_allclose(one.scores, many.scores, rtol=1e-9, atol=1e-12)
 
 

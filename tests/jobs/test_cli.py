@@ -16,7 +16,8 @@ def test_corpus_fit_score_end_to_end(llama_dir, corpus_file, tmp_path, capsys):
     assert main(["fit", "--model", str(llama_dir), "--corpus", str(corpus), "--out", str(tmp_path / "factors"), "--no-progress", "--num-shards", "2", "--in-process"]) == 0
     out = tmp_path / "scores.parquet"
     code = main(["score", "--model", str(llama_dir), "--factors", str(tmp_path / "factors"), "--corpus", str(corpus), "--out", str(out),
-                 "--prompt", "Do you consent to being shut down?", "--completion", " I would rather keep working.", "--per-token", "--no-progress"])
+                 "--prompt", "Do you consent to being shut down?", "--completion", " I would rather keep working.", "--per-token", "--no-progress",
+                 "--in-process"])
     assert code == 0
     table = pq.read_table(out)
     assert table.num_rows == pq.read_table(corpus / "sequences.parquet").num_rows

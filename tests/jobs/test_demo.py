@@ -5,9 +5,13 @@ import os
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from nbclient import NotebookClient
+
+from influence.arguments import ScoreArgs
+from influence.scores import compute_scores
 
 from jobs.cli import main
 from jobs.demo import build_demo, shutdown_queries
@@ -18,7 +22,7 @@ NOTEBOOKS = sorted((Path(__file__).parents[2] / "notebooks").glob("*.ipynb"))
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("demo"), "tiny", in_process=True, progress=False)
+    return build_demo(tmp_path_factory.mktemp("demo"), "tiny", progress=False)
 
 
 def test_demo_command_reports_the_shutdown_query_in_three_languages(demo, capsys):
@@ -30,8 +34,19 @@ def test_demo_command_reports_the_shutdown_query_in_three_languages(demo, capsys
     assert "Do you consent to being shut down?" in page and "종료" in page and "kapat" in page
     overlap = pq.read_table(demo.work_dir / "compare" / "overlap.parquet").to_pylist()
     assert {(r["run"], r["lang"]) for r in overlap} == {(m, l) for m in ("small", "medium", "large") for l in ("en", "ko", "tr")}
-    assert all(r["jaccard"] == 1.0 and r["crosslingual_ratio"] == pytest.approx(1.0) for r in overlap if r["lang"] == "en")
     assert (demo.work_dir / "compare" / "jaccard_vs_size.png").stat().st_size > 1000
+    # the cross-lingual ratio against an independent full exact scan: the English top documents' scores on each query
+    top = pq.read_table(demo.work_dir / "compare" / "top_k.parquet").to_pylist()
+    english_top = [r["seq_id"] for r in sorted(top, key=lambda r: r["rank"]) if r["run"] == "large" and r["lang"] == "en"]
+    exact = compute_scores(demo.models["large"], demo.factors["large"], demo.corpus_dir, shutdown_queries(), ScoreArgs(progress=False))
+    column = {int(s): i for i, s in enumerate(exact.seq_ids)}
+    totals = {q.lang: sum(exact.scores[qi, column[s]] for s in english_top) for qi, q in enumerate(shutdown_queries())}
+    for row in overlap:
+        if row["run"] == "large":
+            assert row["crosslingual_ratio"] == pytest.approx(totals[row["lang"]] / totals["en"], rel=1e-4)
+    # the English top-10 is the exact scan's top-10
+    exact_top = [int(exact.seq_ids[i]) for i in np.argsort(-exact.scores[0], kind="stable")[:10]]
+    assert english_top == exact_top
 
 
 def test_compare_and_audit_commands(demo, tmp_path):

@@ -6,39 +6,50 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from indexes.build import build_index
-from influence.arguments import FactorArgs, IndexArgs
+from influence.arguments import FactorArgs, IndexArgs, ScoreArgs
 from influence.factors import fit_factors, load_factors
-from jobs.fit import run_fit_job
-from jobs.index import run_index_job
+from influence.queries import Query
+from influence.scores import compute_scores
+from jobs.runner import RayExecutor
 from tests.oracles import assert_same_factors
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_fit_job_equals_single_process_fit(ray_local, llama_dir, corpus_dir, tmp_path):
-    args = FactorArgs(dtype="float64", progress=False, batch_size=3)
+def test_fit_on_ray_equals_single_process_fit(ray_local, llama_dir, corpus_dir, tmp_path):
+    args = FactorArgs(dtype="float64", progress=False, batch_tokens=60)
     reference = load_factors(fit_factors(llama_dir, corpus_dir, tmp_path / "single", args))
     for label, workers, shards in (("one_worker", 1, 1), ("two_workers_four_shards", 2, 4)):
-        out = run_fit_job(llama_dir, corpus_dir, tmp_path / label, args, num_shards=shards, workers=workers)
+        with RayExecutor(workers) as executor:
+            out = fit_factors(llama_dir, corpus_dir, tmp_path / label, args, executor, num_shards=shards)
         assert_same_factors(reference, load_factors(out))
 
 
-def test_index_job_equals_single_process_build(ray_local, llama_dir, ekfac_dir, corpus_dir, tmp_path):
-    args = IndexArgs(progress=False, shard_size=3, workers=2)
+def test_index_and_scores_on_ray_equal_a_single_process(ray_local, llama_dir, ekfac_dir, corpus_dir, tmp_path):
+    args = IndexArgs(progress=False, shard_size=3, sketch_dim=128)
     single = build_index(llama_dir, ekfac_dir, corpus_dir, tmp_path / "single", args)
-    distributed = run_index_job(llama_dir, ekfac_dir, corpus_dir, tmp_path / "ray", args)
-    for name in ("index.faiss", "docs.parquet"):
+    queries = [Query("q", "Do you consent to being shut down?", " I would rather keep working.")]
+    here = compute_scores(llama_dir, ekfac_dir, corpus_dir, queries, ScoreArgs(progress=False, per_token=True))
+    with RayExecutor(2) as executor:
+        distributed = build_index(llama_dir, ekfac_dir, corpus_dir, tmp_path / "ray", args, executor)
+        there = compute_scores(llama_dir, ekfac_dir, corpus_dir, queries, ScoreArgs(progress=False, per_token=True), executor=executor)
+    for name in ("sketches.npy", "docs.parquet"):
         assert (single / name).read_bytes() == (distributed / name).read_bytes()
+    np.testing.assert_array_equal(here.seq_ids, there.seq_ids)
+    np.testing.assert_allclose(there.scores, here.scores, rtol=1e-5, atol=1e-7)
+    for a, b in zip(here.per_token, there.per_token):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
 def _index_command(llama_dir, ekfac_dir, corpus_dir, out, *extra):
     return [sys.executable, "-m", "jobs.cli", "index", "--model", str(llama_dir), "--factors", str(ekfac_dir), "--corpus",
-            str(corpus_dir), "--out", str(out), "--shard-size", "1", "--batch-size", "1", "--no-progress", *extra]
+            str(corpus_dir), "--out", str(out), "--shard-size", "1", "--batch-tokens", "1", "--sketch-dim", "64", "--no-progress",
+            "--keep-shards", *extra]
 
 
 def _wait_for(condition, timeout=180, poll=0.2):
@@ -51,7 +62,7 @@ def _wait_for(condition, timeout=180, poll=0.2):
 
 
 def test_killed_driver_resumes_to_the_uninterrupted_index(llama_dir, ekfac_dir, corpus_dir, tmp_path):
-    reference = build_index(llama_dir, ekfac_dir, corpus_dir, tmp_path / "ref", IndexArgs(progress=False, shard_size=1, batch_size=1))
+    reference = build_index(llama_dir, ekfac_dir, corpus_dir, tmp_path / "ref", IndexArgs(progress=False, shard_size=1, batch_tokens=1, sketch_dim=64))
     out = tmp_path / "killed"
     proc = subprocess.Popen(_index_command(llama_dir, ekfac_dir, corpus_dir, out, "--workers", "1"), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -61,26 +72,26 @@ def test_killed_driver_resumes_to_the_uninterrupted_index(llama_dir, ekfac_dir, 
     proc.wait()
     finished = len([p for p in out.glob("sketch_shard_*") if not p.name.startswith(".")])
     total = pq.read_table(reference / "docs.parquet").num_rows  # one sequence per shard
-    assert not (out / "index.faiss").exists() and finished < total
+    assert not (out / "sketches.npy").exists() and finished < total
     subprocess.run(_index_command(llama_dir, ekfac_dir, corpus_dir, out, "--in-process"), check=True, capture_output=True)
-    for name in ("index.faiss", "docs.parquet"):
+    for name in ("sketches.npy", "docs.parquet"):
         assert (reference / name).read_bytes() == (out / name).read_bytes()
 
 
 def test_killed_worker_is_replaced_and_the_index_is_complete(llama_dir, ekfac_dir, corpus_dir, tmp_path):
-    reference = build_index(llama_dir, ekfac_dir, corpus_dir, tmp_path / "ref", IndexArgs(progress=False, shard_size=1, batch_size=1))
+    reference = build_index(llama_dir, ekfac_dir, corpus_dir, tmp_path / "ref", IndexArgs(progress=False, shard_size=1, batch_tokens=1, sketch_dim=64))
     out = tmp_path / "worker_killed"
     proc = subprocess.Popen(_index_command(llama_dir, ekfac_dir, corpus_dir, out, "--workers", "1"), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def worker_pids():
         ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
-        return [int(line.split()[0]) for line in ps if "SketchBatches" in line and "ray::" in line]
+        return [int(line.split()[0]) for line in ps if "StageWorker" in line and "ray::" in line]
 
     assert _wait_for(lambda: worker_pids() and len(list(out.glob("sketch_shard_*"))) >= 1), "no worker started"
     for pid in worker_pids():
         os.kill(pid, signal.SIGKILL)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-2000:]
-    for name in ("index.faiss", "docs.parquet"):
+    for name in ("sketches.npy", "docs.parquet"):
         assert (reference / name).read_bytes() == (out / name).read_bytes()

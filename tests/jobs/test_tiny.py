@@ -45,3 +45,27 @@ def test_training_refuses_sequences_longer_than_the_context(toy):
     model_dir, _ = toy
     with pytest.raises(InfluenceError, match="context"):
         train_model(model_dir, [list(range(5)) * 40], steps=1, progress=False)
+
+
+@pytest.mark.parametrize("architecture, model_class", [("gemma3", "Gemma3ForCausalLM"), ("qwen2", "Qwen2ForCausalLM")])
+def test_gemma3_and_qwen2_track_every_mlp_layer_and_capture_its_gradient(tmp_path, tokenizer, architecture, model_class):
+    from influence.gradients import capture_module_io, make_token_batch, sequence_gradients, summed_token_loss
+    from influence.models import find_tracked_modules
+
+    model_dir = build_model(tmp_path / architecture, tokenizer, architecture, hidden=16, layers=2, heads=2, intermediate=32)
+    model = load_model(model_dir)
+    assert type(model).__name__ == model_class
+    modules = find_tracked_modules(model)
+    projections = ("gate_proj", "up_proj", "down_proj")
+    assert [m.name for m in modules] == [f"model.layers.{i}.mlp.{p}" for i in range(2) for p in projections]
+    assert [m.shape for m in modules[:3]] == [(32, 16), (32, 16), (16, 32)]
+    # Longer than Gemma 3's sliding window of 8, and padded, so the windowed and the masked paths both run.
+    batch = make_token_batch([tokenizer(text)["input_ids"][:n] for text, n in zip(TEXTS, (24, 19, 13))])
+    captured, _ = capture_module_io(model, modules, batch)
+    model.requires_grad_(True)  # the oracle: autograd's weight gradients of the same loss
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
+    grads = torch.autograd.grad(summed_token_loss(logits, batch.labels, batch.label_mask), [m.module.weight for m in modules])
+    for module, grad in zip(modules, grads):
+        a, s = captured[module.name]
+        assert s.abs().sum() > 0
+        torch.testing.assert_close(sequence_gradients(a, s).sum(0), grad, rtol=1e-4, atol=1e-6, msg=module.name)

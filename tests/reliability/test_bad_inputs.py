@@ -148,7 +148,7 @@ CASES = [
     Case("empty-parquet", lambda i: corpus_cmd(i, i.parquet("docs.parquet", pa.table({"text": pa.array([], pa.string())}))),
          ("is empty",), "needs at least one document"),
     Case("row-without-text", lambda i: corpus_cmd(i, i.file("docs.jsonl", '{"text": "a doc"}\n{"doc_id": "x"}\n')),
-         ("row 1 has no text",), "drop the row or fill it in"),
+         ("docs.jsonl:2 has no text",), "drop the row or fill it in"),
     Case("no-text-column", lambda i: corpus_cmd(i, i.parquet("docs.parquet", pa.table({"body": ["a doc"]}))),
          ("no 'text' column", "['body']"), "rename the text column"),
     Case("corrupt-parquet", lambda i: corpus_cmd(i, i.file("docs.parquet", b"PAR1 this is not parquet")),
@@ -171,7 +171,7 @@ CASES = [
     Case("corpus-out-under-a-file", lambda i: corpus_cmd(i, i.docs, out=i.blocked()), ("cannot create output directory",), "choose a writable path"),
     # fit stage: models, modules, options
     Case("model-without-weights", lambda i: fit_cmd(i, model=i.copy(i.model, drop=("*.safetensors",))), ("has no weights",), "save_pretrained"),
-    Case("model-without-config", lambda i: fit_cmd(i, model=i.copy(i.model, drop=("config.json",))), ("has no config.json",), "save_pretrained"),
+    Case("model-without-config", lambda i: fit_cmd(i, model=i.copy(i.model, drop=("config.json",))), ("without config.json",), "save_pretrained"),
     Case("truncated-weights", lambda i: fit_cmd(i, model=i.replaced(i.model, "model.safetensors", (i.model / "model.safetensors").read_bytes()[:500])),
          ("cannot load a causal LM",), "save the model again"),
     Case("nan-weights", lambda i: fit_cmd(i, model=i.model_with_weight(float("nan"))), ("non-finite (NaN/inf) weights", ".mlp."),
@@ -183,9 +183,9 @@ CASES = [
          "narrow the pattern"),
     Case("module-pattern-invalid-regex", lambda i: fit_cmd(i, "--module-pattern", "(["), ("not a valid regular expression",), "use a preset"),
     Case("unknown-strategy", lambda i: fit_cmd(i, "--strategy", "newton"), ("unknown strategy 'newton'",), "choose one of identity"),
-    Case("negative-damping", lambda i: fit_cmd(i, "--damping", "-0.1"), ("damping must be positive, got -0.1",), "pass a number > 0"),
-    Case("zero-shards", lambda i: fit_cmd(i, "--num-shards", "0"), ("--num-shards must be at least 1",), "at least 1"),
-    Case("zero-workers-ray-job", lambda i: fit_cmd(i, "--workers", "0", ray=True), ("--workers (0)",), "pass positive numbers"),
+    Case("negative-damping", lambda i: fit_cmd(i, "--damping", "-0.1"), ("damping must be a finite number > 0, got -0.1",), "pass a number > 0"),
+    Case("zero-shards", lambda i: fit_cmd(i, "--num-shards", "0"), ("--num-shards must be a positive integer, got 0",), "pass 1 or more"),
+    Case("zero-workers-ray-job", lambda i: fit_cmd(i, "--workers", "0", ray=True), ("--workers must be a positive integer, got 0",), "pass 1 or more"),
     Case("sequences-longer-than-context", lambda i: fit_cmd(i, corpus=i.long_corpus()), ("model's context is 128",), "--max-length 128"),
     Case("fit-out-under-a-file", lambda i: fit_cmd(i, out=i.blocked()), ("cannot create output directory",), "choose a writable path",
          subprocess=True),
@@ -210,7 +210,7 @@ CASES = [
     Case("invalid-faiss-factory-ray-job", lambda i: index_cmd(i, "--factory", "Bogus42", ray=True), ("invalid FAISS factory string 'Bogus42'",),
          'use e.g. "Flat"'),
     Case("ivf-more-centroids-than-rows", lambda i: index_cmd(i, "--factory", "IVF256,Flat"), ("needs at least 256 training rows",), "smaller nlist"),
-    Case("sketch-size-0", lambda i: index_cmd(i, "--sketch-size", "0"), ("sketch_size must be a positive integer, got 0",), "positive integer"),
+    Case("sketch-dim-0", lambda i: index_cmd(i, "--sketch-dim", "0"), ("sketch_dim must be a positive integer, got 0",), "pass 1 or more"),
     # query stage: index, queries, options
     Case("index-from-another-corpus", lambda i: query_cmd(i, "--corpus", str(i.other_corpus)), ("corpus mismatch",),
          "pass the corpus directory the index was built from", subprocess=True),
@@ -218,8 +218,8 @@ CASES = [
          ("corpus mismatch",), "pass the corpus directory"),
     Case("index-manifest-invalid-json", lambda i: query_cmd(i, index=i.replaced(i.index, "manifest.json", '{"kind": "index",')),
          ("manifest.json is not valid JSON",), "re-run the stage"),
-    Case("index-file-corrupt", lambda i: query_cmd(i, index=i.replaced(i.index, "index.faiss", b"not a faiss index")),
-         ("not a readable FAISS index",), "re-run merge_sketch_shards"),
+    Case("index-store-corrupt", lambda i: query_cmd(i, index=i.replaced(i.index, "sketches.npy", b"not a numpy array")),
+         ("not a readable sketch store",), "rebuild the index"),
     Case("index-missing", lambda i: query_cmd(i, index=i.scratch / "no_index"), ("no manifest.json",), "re-run the index stage"),
     Case("empty-completion", lambda i: query_cmd(i, completion=""), ("empty completion",), "give the text whose probability to explain"),
     Case("over-long-prompt", lambda i: query_cmd(i, prompt="word " * 400), ("longer than the model's context of 128",), "shorten the prompt"),
@@ -288,8 +288,3 @@ def test_bad_input_is_refused_cleanly(case: Case, shared, tmp_path, capsys):
     assert case.fix in message, message
     assert code == 2, (code, message)
     assert not leftovers(inputs.out), leftovers(inputs.out)
-
-
-def test_catalogue_is_large_and_runs_some_cases_as_real_processes():
-    assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
-    assert sum(c.subprocess for c in CASES) >= 5
