@@ -51,6 +51,7 @@ class IndexPlan:
     sequences: pa.Table
     identity: dict    # saved as args.json and in the manifest: compared when resuming and loading
     num_shards: int
+    factory: str      # the first tier's FAISS factory ('auto' resolved), or 'none'
 
     def rows(self, shard: int) -> range:
         return shard_rows(self.sequences.num_rows, shard, self.num_shards)
@@ -85,8 +86,9 @@ def plan_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path 
     sequences, corpus = load_sequences(corpus_dir)
     require_same_tokenizer(corpus, model_dir, corpus_dir)
     require_fits_context(sequences, info.context, corpus_dir)
-    if args.factory != NO_FACTORY:
-        check_factory(args.sketch_dim, args.factory, min(args.train_size, sequences.num_rows))
+    factory = first_tier_factory(args.factory, sequences.num_rows, args.fold_dim)
+    if factory != NO_FACTORY:
+        check_factory(min(args.fold_dim, args.sketch_dim), factory, min(args.train_size, sequences.num_rows))
     plan_identity = {"model_fingerprint": identity.fingerprint, "corpus_fingerprint": corpus["corpus_fingerprint"],
                      "factors_fingerprint": factors["factors_fingerprint"], "factors_corpus_fingerprint": factors["corpus_fingerprint"],
                      "modules": factors["modules"], "strategy": factors["args"]["strategy"], "args": args.artifact_dict()}
@@ -101,7 +103,21 @@ def plan_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path 
         args.require_matches(saved["args"], str(out_dir))
     spec = ModelSpec(str(model_dir), args.dtype, args.device, factors["args"]["module_pattern"], identity.quick)
     num_shards = -(-sequences.num_rows // args.shard_size)
-    return IndexPlan(model_dir, factors_dir, corpus_dir, out_dir, args, info, spec, sequences, plan_identity, num_shards)
+    return IndexPlan(model_dir, factors_dir, corpus_dir, out_dir, args, info, spec, sequences, plan_identity, num_shards, factory)
+
+
+AUTO_FIRST_TIER_FROM = 100_000
+
+
+def first_tier_factory(factory: str, num_rows: int, fold_dim: int) -> str:
+    """'auto' made concrete: below 100,000 sequences the float16 store is scanned (tens of milliseconds); above, an
+    IVF-PQ first tier over the folded sketches (about sqrt(n) lists, fold_dim/8 bytes of codes per document)."""
+    if factory != "auto":
+        return factory
+    if num_rows < AUTO_FIRST_TIER_FROM:
+        return NO_FACTORY
+    nlist = 1 << max(6, min(16, round(np.log2(np.sqrt(num_rows)))))
+    return f"IVF{nlist},PQ{max(1, fold_dim // 8)}"
 
 
 def build_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path | str, index_dir: Path | str,
@@ -114,7 +130,7 @@ def build_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path
             _remove_shards(plan)
         return plan.out_dir
     dim, n = args.sketch_dim, plan.sequences.num_rows
-    bytes_needed = n * dim * (2 + 4 + (4 if args.factory != NO_FACTORY else 0))  # store, shards, FAISS
+    bytes_needed = n * (dim * (2 + 4) + (4 * args.fold_dim if plan.factory != NO_FACTORY else 0))  # store, shards, first tier
     with prepare_output(plan.out_dir, "index", {"model": plan.model_dir, "factors": plan.factors_dir, "corpus": plan.corpus_dir},
                         bytes_needed):
         write_json(plan.out_dir / ARGS_NAME, plan.identity)
@@ -169,10 +185,10 @@ def _save_shard(plan: IndexPlan, shard: int, output: dict) -> None:
 def _finish(plan: IndexPlan, start: float) -> None:
     """Merge the shards, write the manifest last (it marks the index complete), then drop the shards."""
     args = plan.args
-    merge_sketch_shards(plan.out_dir, plan.num_shards, factory=args.factory, train_size=args.train_size, seed=args.seed,
-                        progress=args.progress)
+    merge_sketch_shards(plan.out_dir, plan.num_shards, factory=plan.factory, train_size=args.train_size, seed=args.seed,
+                        progress=args.progress, fold_dim=args.fold_dim)
     tokens = int(sum(plan.sequences["num_tokens"].to_pylist()))
-    write_manifest(plan.out_dir, "index", **plan.identity, sketch_dim=args.sketch_dim,
+    write_manifest(plan.out_dir, "index", **plan.identity, sketch_dim=args.sketch_dim, first_tier=plan.factory,
                    **references(plan.out_dir, model_dir=plan.model_dir, factors_dir=plan.factors_dir, corpus_dir=plan.corpus_dir),
                    num_shards=plan.num_shards,
                    num_sequences=plan.sequences.num_rows, num_tokens=tokens, build_seconds=round(time.perf_counter() - start, 3))

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from indexes.constants import NO_FACTORY
-from indexes.search import search_both_signs
+from indexes.search import search_both_signs, tiered_both_signs
 from indexes.store import load_doc_table, load_index, load_sketch_store
 from influence.arguments import QueryArgs
 from influence.artifacts import read_manifest, require_same, resolve_reference
@@ -31,7 +31,7 @@ from influence.factors import load_factors
 from influence.gradients import make_token_batch, plan_batches
 from influence.models import ModelSpec, context_length, load_model_context, load_tokenizer, model_identity, require_model_dir
 from influence.queries import Query, tokenize_query
-from influence.scores import Prepared, prepare_queries, query_gradients, score_batch
+from influence.scores import Prepared, prepare_rotated_queries, rotated_query_gradients, score_batch
 from influence.sketches import Sketcher
 
 LOG = logging.getLogger(__name__)
@@ -68,14 +68,14 @@ class QueryEngine:
         self.factors = factors.to(args.compute_dtype, args.device)
         self.sketcher = Sketcher(self.factors, self.module_names, manifest["sketch_dim"], manifest["args"]["seed"])
         self.store = load_sketch_store(self.index_dir)
-        self.index = self.store if manifest["args"]["factory"] == NO_FACTORY else load_index(self.index_dir)
+        self.first_tier = None if manifest.get("first_tier", NO_FACTORY) == NO_FACTORY else load_index(self.index_dir)
         self.docs = load_doc_table(self.index_dir)
         self.seq_ids = self.docs["seq_id"].to_numpy()
         self.index_ids = np.full(self.sequences.num_rows, -1, np.int64)  # seq_id -> row of the store
         self.index_ids[self.seq_ids] = np.arange(len(self.seq_ids))
         self.document_norms = np.sqrt(np.maximum(self.docs["self_influence"].to_numpy(), 0.0))  # ||W(z)||, by index id
-        if self.index.ntotal != len(self.seq_ids) or self.index.d != self.sketcher.dim:
-            raise InfluenceError(f"{self.index_dir}: the index holds {self.index.ntotal} vectors of dim {self.index.d} but the doc "
+        if self.store.ntotal != len(self.seq_ids) or self.store.d != self.sketcher.dim:
+            raise InfluenceError(f"{self.index_dir}: the store holds {self.store.ntotal} sketches of dim {self.store.d} but the doc "
                                  f"table has {len(self.seq_ids)} rows and the sketch dim is {self.sketcher.dim}; rebuild the index")
         self.input_ids = self.sequences["input_ids"]
         self._bm25 = None
@@ -97,7 +97,8 @@ class QueryEngine:
     def score_documents(self, queries: Sequence[Query], seq_ids: Sequence[int]) -> np.ndarray:
         """Exact scores (queries, len(seq_ids)) of given sequences, e.g. one query's top documents on its translations."""
         with self._lock:
-            prepared = prepare_queries(query_gradients(self.loaded, self._tokenize(list(queries))), self.factors)
+            prepared = prepare_rotated_queries(rotated_query_gradients(self.loaded, self._tokenize(list(queries)), self.factors),
+                                               self.factors)
             scores, _, _ = self._score(prepared, np.asarray(seq_ids, dtype=np.int64), False, self.args.batch_tokens)
         return scores
 
@@ -110,12 +111,12 @@ class QueryEngine:
         seconds: dict[str, float] = {}
         tick = time.perf_counter()
         tokenized = self._tokenize(queries)
-        gradients = query_gradients(self.loaded, tokenized)
-        prepared = prepare_queries(gradients, self.factors) if args.rerank else None
+        rotated = rotated_query_gradients(self.loaded, tokenized, self.factors)
+        prepared = prepare_rotated_queries(rotated, self.factors) if args.rerank else None
         seconds["gradient"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        sketches, query_norms = self.sketcher.sketch_gradients(gradients)  # (queries, dim), (queries,)
+        sketches, query_norms = self.sketcher.sketch_rotated(rotated)  # (queries, dim), (queries,)
         pools = self._candidates(queries, sketches.numpy(), query_norms, args)
         seconds["search"] = time.perf_counter() - tick
 
@@ -179,7 +180,11 @@ class QueryEngine:
             return [(CandidatePool(self.seq_ids),) * 2 for _ in queries]
         if args.generator == "bm25":
             return [(CandidatePool(ids),) * 2 for ids in self._bm25_candidates(queries, depth)]
-        (top_scores, top_ids), (low_scores, low_ids) = search_both_signs(self.index, sketches, depth, nprobe=args.nprobe)
+        if self.first_tier is None:
+            (top_scores, top_ids), (low_scores, low_ids) = search_both_signs(self.store, sketches, depth)
+        else:
+            (top_scores, top_ids), (low_scores, low_ids) = tiered_both_signs(self.first_tier, self.store, sketches, depth,
+                                                                             args.first_tier_depth, nprobe=args.nprobe)
         adaptive = args.rerank and args.adaptive
         pools = []
         for qi in range(len(queries)):

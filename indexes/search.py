@@ -40,6 +40,47 @@ class SketchStore:
         return self.rows.shape[1]
 
 
+def fold(sketches: np.ndarray, dim: int) -> np.ndarray:
+    """(n, D) -> (n, dim): bucket j sums the buckets i = j (mod dim), a block-wise sum.
+
+    A count sketch folded is a count sketch (the bucket of a coordinate becomes its old bucket mod dim, the sign
+    stays), so folded inner products remain unbiased estimates of the score, with the noise of `dim` numbers. It is
+    how the compact first tier is made from the stored sketches without training anything.
+    """
+    n, full = sketches.shape
+    if dim >= full:
+        return np.ascontiguousarray(sketches, dtype=np.float32)
+    padded = np.pad(sketches, ((0, 0), (0, (-full) % dim))) if full % dim else sketches
+    return np.ascontiguousarray(padded.reshape(n, -1, dim).sum(1, dtype=np.float64), dtype=np.float32)  # (n, dim)
+
+
+def store_scores(store: "SketchStore", queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Inner products (q, k) of each query with its own candidate rows `ids` (q, k) of the store (-1: no candidate)."""
+    safe = np.where(ids >= 0, ids, 0)
+    rows = np.asarray(store.rows[np.unique(safe)], dtype=np.float32)  # (m, d): each needed row read once
+    position = np.searchsorted(np.unique(safe), safe)  # (q, k) -> row of `rows`
+    scores = np.einsum("qd,qkd->qk", queries, rows[position]) * store.scales[safe]
+    return np.where(ids >= 0, scores, -np.inf)
+
+
+def tiered_both_signs(index: faiss.Index, store: "SketchStore", queries: np.ndarray, k: int, depth: int,
+                      nprobe: int | None = None) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The first tier (a compact index over folded sketches) proposes `depth` candidates per sign, the store re-scores
+    them with the full sketch, and the best k per sign come back, ordered by those scores (as `search_both_signs`)."""
+    queries = _as_queries(queries, store.d)
+    k, depth = min(k, store.ntotal), max(min(depth, store.ntotal), k)
+    (_, high_ids), (_, low_ids) = search_both_signs(index, fold(queries, index.d), depth, nprobe=nprobe)
+    result = []
+    for sign, ids in ((1.0, high_ids), (-1.0, low_ids)):
+        scores = sign * store_scores(store, queries, ids)  # (q, depth): -inf where the first tier found fewer
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        chosen = np.take_along_axis(ids, order, 1)
+        chosen_scores = np.take_along_axis(scores, order, 1)
+        chosen = np.where(np.isfinite(chosen_scores), chosen, -1)
+        result.append(((sign * chosen_scores).astype(np.float32), chosen))
+    return result[0], result[1]
+
+
 def scan_both_signs(store: SketchStore, queries: np.ndarray, k: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """The k highest and k lowest inner products of each query with every stored sketch: an exact scan of the store.
 

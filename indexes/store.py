@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from indexes.constants import DOCS_NAME, FACTORY_EXAMPLES, INDEX_ID, INDEX_META_NAME, INDEX_NAME, NO_FACTORY, SCALE, SEQ_ID, STORE_NAME
-from indexes.search import SketchStore
+from indexes.search import SketchStore, fold
 from indexes.shards import (
     check_sketches,
     duplicate_values,
@@ -53,6 +53,7 @@ def merge_sketch_shards(
     seed: int = 0,
     block_size: int = 8192,
     progress: bool = True,
+    fold_dim: int | None = None,
 ) -> Path:
     """Build the sketch store (`sketches.npy`), `docs.parquet` and, with a factory, `index.faiss` from all shards.
 
@@ -64,7 +65,8 @@ def merge_sketch_shards(
         index_dir: The directory holding the sketch shards; the outputs are written beside them.
         num_shards: How many shards were written; all must be finished.
         factory: "none" (the store is scanned exactly), or a FAISS index_factory string built with
-            METRIC_INNER_PRODUCT over the float32 sketches, e.g. "Flat", "IVF64,Flat", "HNSW32", "IVF64,PQ16".
+            METRIC_INNER_PRODUCT over the float32 sketches (folded to `fold_dim` numbers when given), e.g. "Flat",
+            "IVF64,Flat", "HNSW32", "IVF64,PQ16": a compact first tier that proposes candidates for the store to order.
         train_size: Most rows sampled (seeded, without replacement) to train IVF/PQ factories.
         seed: Seed of the training sample.
         block_size: Rows written per step: bounds the RAM used beyond the index itself.
@@ -94,11 +96,12 @@ def merge_sketch_shards(
 
     scales = _write_store(index_dir, num_shards, total, dim, block_size, progress)
     num_train = 0
+    index_dim = dim if fold_dim is None else min(fold_dim, dim)
     if factory != NO_FACTORY:
-        index = _create_index(dim, factory)
+        index = _create_index(index_dim, factory)
         with _deterministic_threads(index, factory):
             if not index.is_trained:
-                sample = _sample_rows(index_dir, num_shards, sizes, train_size, seed)  # (num_train, d)
+                sample = fold(_sample_rows(index_dir, num_shards, sizes, train_size, seed), index_dim)  # (num_train, d1)
                 check_sketches(sample, where=f"the training sample of {index_dir}")
                 num_train = _train_index(index, factory, sample)
             for shard in range(num_shards):
@@ -106,7 +109,7 @@ def merge_sketch_shards(
                 for start in range(0, sketches.shape[0], block_size):
                     # Plain add assigns sequential ids ntotal.., i.e. the global row offset in shard order,
                     # and works for every index type (HNSW has no add_with_ids).
-                    index.add(np.ascontiguousarray(sketches[start : start + block_size]))
+                    index.add(fold(np.ascontiguousarray(sketches[start : start + block_size]), index_dim))
         assert index.ntotal == total, (index.ntotal, total)
         with atomic_path(index_dir / INDEX_NAME) as tmp:
             faiss.write_index(index, str(tmp))
@@ -118,6 +121,7 @@ def merge_sketch_shards(
         "factory": factory,
         "metric": "inner_product",
         "dim": dim,
+        "index_dim": index_dim,
         "ntotal": total,
         "num_shards": num_shards,
         "shard_rows": sizes,
@@ -205,7 +209,7 @@ def load_index(index_dir: Path, mmap: bool = True) -> faiss.Index:
     else:
         raise InfluenceError(f"{path} is not a readable FAISS index; delete it and re-run merge_sketch_shards")
     require_same("index size", meta["ntotal"], index.ntotal, index_dir, "re-run merge_sketch_shards")
-    require_same("index dimension", meta["dim"], index.d, index_dir, "re-run merge_sketch_shards")
+    require_same("index dimension", meta.get("index_dim", meta["dim"]), index.d, index_dir, "re-run merge_sketch_shards")
     LOG.info("loaded %s (%s, %d vectors, flags %d)", path, meta["factory"], index.ntotal, flags)
     return index
 

@@ -2,6 +2,7 @@
 
 Per tracked module (Grosse et al. 2023, sec. 2.2):
   pass 1  A = E_tokens[a a^T], S = E_tokens[s s^T]   ->  A = Q_A diag(l_A) Q_A^T, S = Q_S diag(l_S) Q_S^T
+          (the eigendecompositions are a pass of their own, one task per matrix)
   pass 2  Lambda_ij = E_seq[(Q_S^T G Q_A)_ij^2]        (EK-FAC eigenvalue correction)
 Labels are sampled from the model (true Fisher) unless `fisher="empirical"`.
 
@@ -198,11 +199,11 @@ def fit_passes(plan: FitPlan) -> Iterator[Pass]:
     args = plan.args
     work = FitWork(plan.spec, args.fisher, args.seed, args.batch_tokens)
     key = ("fit", plan.spec, args.fisher, args.seed, args.batch_tokens)
-    if needs_basis(args.strategy):
+    if needs_basis(args.strategy) and not (plan.out_dir / C.EIGENVECTORS_NAME).exists():
         pending = plan.pending(C.COVARIANCE_SHARD_NAME)
         yield Pass("covariance", pending, covariance_work, save=partial(_save_shard, plan, C.COVARIANCE_SHARD_NAME),
-                   reduce=partial(aggregate_covariances, plan), payload=plan.rows, shared=work, shared_key=key,
-                   sizes=plan.sizes(pending))
+                   payload=plan.rows, shared=work, shared_key=key, sizes=plan.sizes(pending))
+        yield eigendecomposition_pass(plan)
     if needs_corrected_eigenvalues(args.strategy):
         basis = _basis(plan) if needs_basis(args.strategy) else None
         basis_key = (str(plan.out_dir), (plan.out_dir / C.EIGENVECTORS_NAME).stat().st_mtime_ns) if basis else None
@@ -266,7 +267,8 @@ def eigenvalue_work(workspace: Workspace, work: FitWork, rows: TokenRows) -> dic
         for name, (a, s) in _capture(workspace, work, batch).items():
             q_a, q_s = basis.get(name, (None, None))
             rotated = rotated_gradients(a.to(dtype), s.to(dtype), q_a, q_s)  # (batch, d_out, d_in)
-            _accumulate(sums, name + C.EIGENVALUE_SUM, rotated.double().pow(2).sum(0).cpu())
+            # a batch's sum in its own dtype (a few dozen sequences), the running sum in float64
+            _accumulate(sums, name + C.EIGENVALUE_SUM, rotated.pow_(2).sum(0).double().cpu())
         count += len(batch.input_ids)
     return {**{k: v.numpy() for k, v in sums.items()}, "count": count.numpy()}
 
@@ -275,23 +277,52 @@ def _storage_dtype(args: FactorArgs) -> torch.dtype:
     return torch.float64 if args.dtype == "float64" else torch.float32
 
 
-def aggregate_covariances(plan: FitPlan) -> None:
-    """Sum pass-1 shards and eigendecompose A and S (in float64) into the basis pass 2 needs."""
-    path = plan.out_dir / C.EIGENVECTORS_NAME
-    if path.exists():
-        return
+def eigendecomposition_pass(plan: FitPlan) -> Pass:
+    """A = Q_A diag(l_A) Q_A^T and S = Q_S diag(l_S) Q_S^T of every module (float64), one task per distinct matrix.
+
+    An eigendecomposition costs about 9 d^3 flops and does not scale like a GEMM: for a 1536-wide module it takes
+    seconds, so they are spread over the workers like the data passes (on a GPU worker, they run there). Modules that
+    read the same input (gate_proj and up_proj) have the same A: it is decomposed once.
+    """
     total = _sum_shards(plan, C.COVARIANCE_SHARD_NAME)
     num_tokens, num_labelled, _ = total[C.COUNTS].tolist()
-    result = {C.COUNTS: total[C.COUNTS]}
-    dtype = _storage_dtype(plan.args)
+    matrices: dict[str, torch.Tensor] = {}   # content key -> matrix
+    targets: dict[str, list[str]] = {}       # content key -> the (module + suffix) it serves
     for name in plan.info.module_names:
-        activation = total[name + C.ACTIVATION_SUM] / max(num_tokens, 1.0)
-        gradient = total[name + C.GRADIENT_SUM] / max(num_labelled, 1.0)
-        l_a, q_a = torch.linalg.eigh(activation)
-        l_s, q_s = torch.linalg.eigh(gradient)
-        result.update({name + C.ACTIVATION_EIGENVECTORS: q_a.to(dtype), name + C.ACTIVATION_EIGENVALUES: l_a.clamp_min(0),
-                       name + C.GRADIENT_EIGENVECTORS: q_s.to(dtype), name + C.GRADIENT_EIGENVALUES: l_s.clamp_min(0)})
-    save_tensors(path, result)
+        for suffix, count in ((C.ACTIVATION_SUM, num_tokens), (C.GRADIENT_SUM, num_labelled)):
+            matrix = total.pop(name + suffix) / max(count, 1.0)
+            key = hashlib.blake2b(matrix.numpy().tobytes(), digest_size=16).hexdigest()
+            matrices.setdefault(key, matrix)
+            targets.setdefault(key, []).append(name + suffix)
+    results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    keys = sorted(matrices, key=lambda k: -matrices[k].shape[0])  # largest first: they bound the pass's length
+    return Pass("eigendecomposition", keys, eigendecomposition_work, save=results.__setitem__,
+                payload=lambda key: (matrices[key].numpy(), plan.spec.device),
+                reduce=partial(_save_basis, plan, results, targets, total[C.COUNTS]), unit="matrix")
+
+
+def eigendecomposition_work(workspace: Workspace, shared, payload: tuple[np.ndarray, str]) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (clamped at 0) and eigenvectors of one symmetric matrix, in float64."""
+    matrix, device = payload
+    device = device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.from_numpy(np.require(matrix, requirements="W")).to(device))
+    return eigenvalues.clamp_min(0).cpu().numpy(), eigenvectors.cpu().numpy()
+
+
+def _save_basis(plan: FitPlan, results: dict, targets: dict[str, list[str]], counts: torch.Tensor) -> None:
+    dtype = _storage_dtype(plan.args)
+    suffixes = {C.ACTIVATION_SUM: (C.ACTIVATION_EIGENVALUES, C.ACTIVATION_EIGENVECTORS),
+                C.GRADIENT_SUM: (C.GRADIENT_EIGENVALUES, C.GRADIENT_EIGENVECTORS)}
+    tensors = {C.COUNTS: counts}
+    for key, (eigenvalues, eigenvectors) in results.items():
+        for target in targets[key]:
+            for suffix, (values_key, vectors_key) in suffixes.items():
+                if target.endswith(suffix):
+                    name = target[: -len(suffix)]
+                    # a copy per module: safetensors refuses tensors that share memory
+                    tensors[name + values_key] = torch.from_numpy(eigenvalues).clone()
+                    tensors[name + vectors_key] = torch.from_numpy(eigenvectors).to(dtype).clone()
+    save_tensors(plan.out_dir / C.EIGENVECTORS_NAME, tensors)
 
 
 def _basis(plan: FitPlan) -> dict:

@@ -134,14 +134,18 @@ def capture_module_io(model: nn.Module, modules: list[TrackedModule], batch: Tok
 
 def sequence_gradients(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """G_n = sum_t s_t a_t^T for every sequence: (batch, d_out, d_in)."""
-    return torch.einsum("bto,bti->boi", s, a)
+    return torch.bmm(s.transpose(1, 2), a)
 
 
 def rotated_gradients(a: torch.Tensor, s: torch.Tensor, q_a: Optional[torch.Tensor], q_s: Optional[torch.Tensor]) -> torch.Tensor:
-    """Q_S^T G_n Q_A for every sequence (the EK-FAC eigenbasis), or G_n when there is no basis."""
+    """Q_S^T G_n Q_A for every sequence (the EK-FAC eigenbasis), or G_n when there is no basis.
+
+    Each token's a and s are rotated first (tokens x (d_in^2 + d_out^2) work), then multiplied: cheaper than rotating
+    G_n (d_out d_in (d_out + d_in)) whenever a sequence has fewer tokens than the module is wide.
+    """
     if q_a is None:
         return sequence_gradients(a, s)
-    return torch.einsum("bto,bti->boi", s @ q_s, a @ q_a)  # (batch, d_out, d_in)
+    return torch.bmm((s @ q_s).transpose(1, 2), a @ q_a)  # (batch, d_out, d_in)
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:

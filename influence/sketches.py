@@ -63,7 +63,12 @@ class Sketcher:
 
     def __init__(self, factors: Factors, modules: list[str], dim: int, seed: int = 0):
         self.factors, self.modules, self.dim, self.seed = factors, list(modules), int(dim), seed
-        self.inverse_sqrt = {name: (f.eigenvalues + f.damping).rsqrt() for name, f in factors.modules.items() if name in self.modules}
+        # (Lambda + lambda)^-1/2 times each coordinate's hash sign: whitening and signing in one multiply
+        self.signed_inverse_sqrt = {}
+        for name in self.modules:
+            f = factors.modules[name]
+            _, signs = bucket_and_sign(name, f.eigenvalues.numel(), self.dim, seed, f.eigenvalues.device)
+            self.signed_inverse_sqrt[name] = (f.eigenvalues + f.damping).rsqrt() * signs.view_as(f.eigenvalues).to(f.eigenvalues.dtype)
 
     def noise_scale(self, query_norm: np.ndarray, document_norm: np.ndarray) -> np.ndarray:
         """||W(q)|| ||W(z)|| / sqrt(dim): about the standard deviation of a sketch score (see the module docstring).
@@ -73,36 +78,47 @@ class Sketcher:
         """
         return np.multiply.outer(np.asarray(query_norm, np.float64), np.asarray(document_norm, np.float64)) / np.sqrt(self.dim)
 
-    def _hash_into(self, sketch: torch.Tensor, name: str, whitened: torch.Tensor) -> None:
-        flat = whitened.flatten(1)  # (batch, D_m)
-        buckets, signs = bucket_and_sign(name, flat.shape[1], self.dim, self.seed, flat.device)
-        sketch.index_add_(1, buckets, flat * signs.to(flat.dtype))
+    def _hash_into(self, sketch: torch.Tensor, name: str, signed_whitened: torch.Tensor) -> None:
+        flat = signed_whitened.flatten(1)  # (batch, D_m), already multiplied by the signs
+        buckets, _ = bucket_and_sign(name, flat.shape[1], self.dim, self.seed, flat.device)
+        sketch.index_add_(1, buckets, flat)
 
     def sketch_io(self, io: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> SketchBatch:
         """Sketches, exact self-influences and gradient norms of a batch, from each module's captured (a, s)."""
-        batch = next(iter(io.values()))[0].shape[0]
-        dtype = next(iter(self.inverse_sqrt.values())).dtype
-        sketch = torch.zeros(batch, self.dim, dtype=dtype, device=next(iter(io.values()))[0].device)
-        self_influence = torch.zeros(batch, dtype=torch.float64)
-        squared_norm = torch.zeros(batch, dtype=torch.float64)
+        first = next(iter(io.values()))[0]
+        dtype = next(iter(self.signed_inverse_sqrt.values())).dtype
+        sketch = torch.zeros(first.shape[0], self.dim, dtype=dtype, device=first.device)
+        self_influence = torch.zeros(first.shape[0], dtype=torch.float64)
+        squared_norm = torch.zeros(first.shape[0], dtype=torch.float64)
         for name in self.modules:
             a, s = io[name]
             f = self.factors.modules[name]
             rotated = rotated_gradients(a.to(dtype), s.to(dtype), f.q_a, f.q_s)  # (batch, d_out, d_in): Q_S^T G Q_A
-            squared_norm += rotated.pow(2).sum((1, 2)).double().cpu()  # the rotation is orthogonal: ||G'|| = ||G||
-            whitened = rotated.mul_(self.inverse_sqrt[name])  # W, in place: G' is not needed any more
-            self_influence += whitened.pow(2).sum((1, 2)).double().cpu()
-            self._hash_into(sketch, name, whitened)
+            squared_norm += _squared_norms(rotated)  # the rotation is orthogonal: ||G'|| = ||G||
+            signed = rotated.mul_(self.signed_inverse_sqrt[name])  # +-W in place: G' is not needed any more
+            self_influence += _squared_norms(signed)
+            self._hash_into(sketch, name, signed)
         return SketchBatch(sketch.float(), self_influence, squared_norm.sqrt())
 
-    def sketch_gradients(self, gradients: dict[str, torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
-        """Sketches (n, dim) float32 and exact ||W(V)|| (n,) float64 of full gradients {module: (n, d_out, d_in)}, e.g. queries."""
-        first = next(iter(gradients.values()))
-        dtype = next(iter(self.inverse_sqrt.values())).dtype
+    def sketch_rotated(self, rotated: dict[str, torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
+        """Sketches (n, dim) float32 and exact ||W(V)|| (n,) float64 of gradients already in the eigenbasis
+        {module: (n, d_out, d_in)}, e.g. queries (`scores.rotated_query_gradients`)."""
+        first = next(iter(rotated.values()))
+        dtype = next(iter(self.signed_inverse_sqrt.values())).dtype
         sketch = torch.zeros(first.shape[0], self.dim, dtype=dtype, device=first.device)
         squared = torch.zeros(first.shape[0], dtype=torch.float64)
         for name in self.modules:
-            whitened = rotate(gradients[name].to(dtype), self.factors.modules[name]) * self.inverse_sqrt[name]
-            squared += whitened.pow(2).sum((1, 2)).double().cpu()
-            self._hash_into(sketch, name, whitened)
-        return sketch.float(), squared.sqrt().numpy()
+            signed = rotated[name].to(dtype) * self.signed_inverse_sqrt[name]
+            squared += _squared_norms(signed)
+            self._hash_into(sketch, name, signed)
+        return sketch.float().cpu(), squared.sqrt().numpy()
+
+    def sketch_gradients(self, gradients: dict[str, torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
+        """The same from gradients in the original basis {module: (n, d_out, d_in)}."""
+        dtype = next(iter(self.signed_inverse_sqrt.values())).dtype
+        return self.sketch_rotated({name: rotate(gradients[name].to(dtype), self.factors.modules[name]) for name in self.modules})
+
+
+def _squared_norms(matrices: torch.Tensor) -> torch.Tensor:
+    """||M_n||_F^2 of (batch, rows, cols), float64 on the CPU, without a squared copy of the batch."""
+    return torch.linalg.vector_norm(matrices, dim=(1, 2)).double().cpu().pow(2)
