@@ -1,35 +1,25 @@
-"""Kronfluence peer runner for the agreement benchmark.
+"""Kronfluence (https://github.com/pomonam/kronfluence, 1.0.x) run with the engine's conventions, for side-by-side scores.
 
-Runs Kronfluence (https://github.com/pomonam/kronfluence, 1.0.x) on a local Hugging Face causal LM
-with exactly the conventions of our engine, so that its pairwise scores can be compared with ours
-in the same run (see ``benchmarks/kronfluence_agreement.py``).
+Conventions, matching the engine:
 
-Conventions (must match the engine):
+- training loss: the SUM over positions of next-token cross-entropy with the real labels (right padding ignored);
+  for the fit with `fisher="true"` the labels are sampled from the model at the same positions (the true Fisher);
+- measurement: the SUM of the completion tokens' negative log-likelihood, so that a positive score means that
+  upweighting a training sequence raises log p(completion | prompt), the sign of the paper's I_f;
+- damping None: Kronfluence's heuristic 0.1 x mean(Lambda) per module, the engine's default.
 
-* Training loss: SUM over positions of next-token cross-entropy with the real labels; right padding,
-  padded positions ignored.  For factor fitting (``sample=True``) the labels are sampled from the
-  model's own predictive distribution at the same valid positions (true Fisher).
-* Measurement: SUM of the negative log-probability of the completion tokens given everything before
-  them.  Kronfluence scores ``grad(measurement)^T (F + damping)^-1 grad(train loss)``, so a positive
-  score means upweighting the training document lowers the completion's NLL (= Grosse et al.'s
-  ``I_f`` with ``f = log p``).
-* Damping ``None`` -> Kronfluence's heuristic ``0.1 * mean(Lambda)`` per module (Lambda = corrected
-  eigenvalues for EK-FAC, ``kron(eig_A, eig_S)`` for K-FAC, mean squared per-sequence gradient
-  for the diagonal strategy).  A float is used as a fixed damping for every module.
+Install without letting pip touch the pinned torch (Kronfluence declares torchvision but never imports it):
 
-Installing Kronfluence without letting pip touch torch::
-
-    pip install --no-deps kronfluence==1.0.1 accelerate einops einconv opt-einsum psutil
-
-(Kronfluence declares torchvision but never imports it; a PyPI torchvision breaks transformers.)
+    pip install --no-deps kronfluence accelerate einops einconv opt-einsum psutil safetensors
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -41,21 +31,15 @@ IGNORE_INDEX = -100
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 
 
-def _pad_batch(seqs: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(s) for s in seqs)
-    n = len(seqs)
-    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, length), dtype=torch.long)
-    label_t = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
-    for i, (s, lab) in enumerate(zip(seqs, labels)):
-        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attention_mask[i, : len(s)] = 1
-        label_t[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_t}
+def kronfluence_available() -> Optional[str]:
+    """None when Kronfluence can be imported, else why not (the reason a benchmark reports when it skips it)."""
+    if importlib.util.find_spec("kronfluence") is None:
+        return "kronfluence is not installed; pip install --no-deps kronfluence accelerate einops einconv opt-einsum psutil safetensors"
+    return None
 
 
-class _SeqDataset(data.Dataset):
-    """Items are ``(input_ids, labels)``; labels are aligned with input_ids (unshifted), -100 = ignore."""
+class _Items(data.Dataset):
+    """(input_ids, labels) pairs, labels aligned with the inputs (unshifted), -100 where there is no label."""
 
     def __init__(self, items: list[tuple[list[int], list[int]]]) -> None:
         self.items = items
@@ -67,49 +51,37 @@ class _SeqDataset(data.Dataset):
         return self.items[idx]
 
 
-def _make_collate(pad_id: int):
-    def collate(batch: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        return _pad_batch([b[0] for b in batch], [b[1] for b in batch], pad_id)
+def _collate(batch: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, label) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, : len(label)] = torch.tensor(label)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-    return collate
 
-
-def _make_task(module_names: list[str]):
+def _task(module_names: list[str]):
     from kronfluence.task import Task
 
-    class LMTask(Task):
-        def _shifted(self, batch: dict[str, torch.Tensor], model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                use_cache=False,
-            ).logits
-            shift_logits = logits[:, :-1, :].contiguous()
-            shift_labels = batch["labels"][:, 1:].contiguous()
-            return shift_logits, shift_labels
+    def shifted(batch: dict[str, torch.Tensor], model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten()
 
+    class LanguageModelTask(Task):
         def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
-            shift_logits, shift_labels = self._shifted(batch, model)
-            flat_logits = shift_logits.view(-1, shift_logits.size(-1))
-            flat_labels = shift_labels.view(-1)
-            if sample:
-                # True Fisher: labels drawn from the model's own predictive distribution,
-                # at the same valid positions as the real labels.
+            logits, labels = shifted(batch, model)
+            if sample:  # the true Fisher: labels from the model's own predictive distribution
                 with torch.no_grad():
-                    probs = torch.softmax(flat_logits.detach(), dim=-1)
-                    sampled = torch.multinomial(probs, num_samples=1).flatten()
-                    flat_labels = torch.where(flat_labels != IGNORE_INDEX, sampled, flat_labels)
-            return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+                    sampled = torch.multinomial(torch.softmax(logits.detach(), dim=-1), num_samples=1).flatten()
+                labels = torch.where(labels != IGNORE_INDEX, sampled, labels)
+            return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
         def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
-            # Labels already carry -100 on prompt tokens: summed NLL of the completion only.
-            shift_logits, shift_labels = self._shifted(batch, model)
-            return F.cross_entropy(
-                shift_logits.view(-1, shift_logits.size(-1)),
-                shift_labels.view(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
+            logits, labels = shifted(batch, model)  # prompt tokens carry -100: the completion's summed NLL
+            return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
         def get_influence_tracked_modules(self) -> list[str]:
             return list(module_names)
@@ -117,31 +89,17 @@ def _make_task(module_names: list[str]):
         def get_attention_mask(self, batch: Any) -> torch.Tensor:
             return batch["attention_mask"]
 
-    return LMTask()
+    return LanguageModelTask()
 
 
-def run_kronfluence(
-    model_dir: str,
-    train_input_ids: list[list[int]],
-    queries: list[tuple[list[int], list[int]]],
-    module_names: list[str],
-    strategy: str = "ekfac",
-    damping: float | None = None,
-    dtype: torch.dtype = torch.float32,
-    batch_size: int = 8,
-    fisher: str = "true",
-    *,
-    work_dir: str,
-    seed: int = 0,
-) -> dict:
-    """Fit Kronfluence factors on ``train_input_ids`` and score every query against every training sequence.
+def run_kronfluence(model_dir: str, train_input_ids: list[list[int]], queries: list[tuple[list[int], list[int]]],
+                    module_names: list[str], *, work_dir: str, strategy: str = "ekfac", fisher: str = "true",
+                    damping: Optional[float] = None, dtype: torch.dtype = torch.float32, batch_size: int = 8,
+                    seed: int = 0) -> dict[str, Any]:
+    """Fit Kronfluence factors on `train_input_ids` and score every (prompt ids, completion ids) query against them.
 
-    ``fisher="true"`` samples the fit's labels from the model (Kronfluence's default, the paper's
-    choice); ``"empirical"`` uses the real next tokens (``FactorArguments.use_empirical_fisher``).
-
-    Returns ``{"scores": (num_queries, num_train) float64 array, "fit_seconds", "score_seconds",
-    "fit_cpu_seconds", "score_cpu_seconds", "kronfluence_version"}`` (wall-clock and process CPU time).  The fit corpus is the training set itself (all sequences; no
-    ``*_max_examples`` cap).
+    Returns {"scores": (queries, sequences) float64, "fit_seconds", "score_seconds", "fit_cpu_seconds",
+    "score_cpu_seconds", "version"}; model loading is outside both timers.
     """
     import kronfluence
     from kronfluence.analyzer import Analyzer, prepare_model
@@ -149,104 +107,36 @@ def run_kronfluence(
     from kronfluence.utils.dataset import DataLoaderKwargs
     from transformers import AutoModelForCausalLM
 
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if fisher not in ("true", "empirical"):
-        raise ValueError(f"fisher must be 'true' (sampled labels) or 'empirical' (real labels), got {fisher!r}")
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError("dtype must be torch.float32 or torch.float64")
-    if not train_input_ids or not queries:
-        raise ValueError("need at least one training sequence and one query")
-
+    if strategy not in STRATEGIES or fisher not in ("true", "empirical"):
+        raise ValueError(f"strategy must be one of {STRATEGIES} and fisher 'true' or 'empirical', got {strategy!r}, {fisher!r}")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model = model.eval().to(device="cpu", dtype=dtype)
-    pad_id = model.config.pad_token_id
-    if pad_id is None:
-        pad_id = 0  # value is irrelevant: padded positions are masked and carry label -100
-
-    task = _make_task(module_names)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval().to(dtype=dtype)
+    task = _task(module_names)
     model = prepare_model(model=model, task=task)
-
-    train_items = [(list(s), list(s)) for s in train_input_ids]
-    query_items = []
-    for prompt, completion in queries:
-        ids = list(prompt) + list(completion)
-        labels = [IGNORE_INDEX] * len(prompt) + list(completion)
-        query_items.append((ids, labels))
-    train_ds = _SeqDataset(train_items)
-    query_ds = _SeqDataset(query_items)
-
-    out = Path(work_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    analyzer = Analyzer(
-        analysis_name="kronfluence_peer",
-        model=model,
-        task=task,
-        cpu=True,
-        disable_tqdm=True,
-        disable_model_save=True,
-        output_dir=str(out),
-        log_level=logging.WARNING,
-    )
-    analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0, collate_fn=_make_collate(pad_id)))
-
-    factor_args = FactorArguments(
-        strategy=strategy,
-        use_empirical_fisher=fisher == "empirical",
-        amp_dtype=None,
-        covariance_max_examples=None,
-        lambda_max_examples=None,
-        activation_covariance_dtype=dtype,
-        gradient_covariance_dtype=dtype,
-        eigendecomposition_dtype=torch.float64,
-        per_sample_gradient_dtype=dtype,
-        lambda_dtype=dtype,
-    )
-    score_args = ScoreArguments(
-        damping_factor=damping,
-        amp_dtype=None,
-        query_gradient_low_rank=None,
-        per_sample_gradient_dtype=dtype,
-        precondition_dtype=dtype,
-        score_dtype=dtype,
-        query_gradient_svd_dtype=dtype,
-    )
-
-    bs = max(1, int(batch_size))
-    torch.manual_seed(seed)  # label sampling for the true Fisher
-    t0, c0 = time.perf_counter(), time.process_time()
-    analyzer.fit_all_factors(
-        factors_name=f"factors_{strategy}",
-        dataset=train_ds,
-        per_device_batch_size=bs,
-        factor_args=factor_args,
-        overwrite_output_dir=True,
-    )
-    fit_seconds, fit_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-
-    t0, c0 = time.perf_counter(), time.process_time()
-    analyzer.compute_pairwise_scores(
-        scores_name=f"scores_{strategy}",
-        factors_name=f"factors_{strategy}",
-        query_dataset=query_ds,
-        train_dataset=train_ds,
-        per_device_query_batch_size=min(bs, len(query_items)),
-        per_device_train_batch_size=bs,
-        score_args=score_args,
-        overwrite_output_dir=True,
-    )
-    score_seconds, score_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-
-    scores = analyzer.load_pairwise_scores(scores_name=f"scores_{strategy}")["all_modules"]
-    scores = scores.detach().to(torch.float64).cpu().numpy()
-    if scores.shape != (len(query_items), len(train_items)):
-        raise RuntimeError(f"unexpected score shape {scores.shape}")
-    return {
-        "scores": np.asarray(scores),
-        "fit_seconds": float(fit_seconds),
-        "score_seconds": float(score_seconds),
-        "fit_cpu_seconds": float(fit_cpu_seconds),
-        "score_cpu_seconds": float(score_cpu_seconds),
-        "kronfluence_version": getattr(kronfluence, "__version__", "unknown"),
-    }
+    train = _Items([(list(s), list(s)) for s in train_input_ids])
+    query_items = _Items([(list(p) + list(c), [IGNORE_INDEX] * len(p) + list(c)) for p, c in queries])
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    analyzer = Analyzer(analysis_name="peer", model=model, task=task, cpu=True, disable_tqdm=True, disable_model_save=True,
+                        output_dir=str(work_dir), log_level=logging.WARNING)
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0, collate_fn=_collate))
+    factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=fisher == "empirical", amp_dtype=None,
+                                  covariance_max_examples=None, lambda_max_examples=None, activation_covariance_dtype=dtype,
+                                  gradient_covariance_dtype=dtype, eigendecomposition_dtype=torch.float64,
+                                  per_sample_gradient_dtype=dtype, lambda_dtype=dtype)
+    score_args = ScoreArguments(damping_factor=damping, amp_dtype=None, query_gradient_low_rank=None, per_sample_gradient_dtype=dtype,
+                                precondition_dtype=dtype, score_dtype=dtype, query_gradient_svd_dtype=dtype)
+    torch.manual_seed(seed)  # the sampled labels of the true Fisher
+    start, cpu = time.perf_counter(), time.process_time()
+    analyzer.fit_all_factors(factors_name=strategy, dataset=train, per_device_batch_size=batch_size, factor_args=factor_args,
+                             overwrite_output_dir=True)
+    fit_seconds, fit_cpu = time.perf_counter() - start, time.process_time() - cpu
+    start, cpu = time.perf_counter(), time.process_time()
+    analyzer.compute_pairwise_scores(scores_name=strategy, factors_name=strategy, query_dataset=query_items, train_dataset=train,
+                                     per_device_query_batch_size=min(batch_size, len(query_items)),
+                                     per_device_train_batch_size=batch_size, score_args=score_args, overwrite_output_dir=True)
+    score_seconds, score_cpu = time.perf_counter() - start, time.process_time() - cpu
+    scores = analyzer.load_pairwise_scores(scores_name=strategy)["all_modules"].detach().double().cpu().numpy()
+    if scores.shape != (len(query_items), len(train)):
+        raise RuntimeError(f"Kronfluence returned scores of shape {scores.shape}, expected {(len(query_items), len(train))}")
+    return {"scores": np.asarray(scores), "fit_seconds": fit_seconds, "score_seconds": score_seconds, "fit_cpu_seconds": fit_cpu,
+            "score_cpu_seconds": score_cpu, "version": getattr(kronfluence, "__version__", "unknown")}

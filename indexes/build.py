@@ -23,7 +23,7 @@ from indexes.constants import NO_FACTORY
 from indexes.shards import sketch_shard_exists, sketch_shard_path, write_sketch_shard
 from indexes.store import check_factory, index_exists, merge_sketch_shards
 from influence.arguments import IndexArgs
-from influence.artifacts import prepare_output, read_json, read_manifest, references, require_same, write_json, write_manifest
+from influence.artifacts import check_existing, prepare_output, read_json, read_manifest, references, require_same, write_json, write_manifest
 from influence.constants import ARGS_NAME, FACTORS_NAME, MANIFEST_NAME
 from influence.corpus import TokenRows, load_sequences, require_fits_context, require_same_tokenizer, shard_rows, token_rows
 from influence.errors import InfluenceError
@@ -92,6 +92,7 @@ def plan_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path 
     plan_identity = {"model_fingerprint": identity.fingerprint, "corpus_fingerprint": corpus["corpus_fingerprint"],
                      "factors_fingerprint": factors["factors_fingerprint"], "factors_corpus_fingerprint": factors["corpus_fingerprint"],
                      "modules": factors["modules"], "strategy": factors["args"]["strategy"], "args": args.artifact_dict()}
+    check_existing(out_dir, "index", {"model": model_dir, "factors": factors_dir, "corpus": corpus_dir})  # before trusting it
     saved_path = out_dir / ARGS_NAME
     if saved_path.is_file() and (any(out_dir.glob("sketch_shard_*")) or (out_dir / MANIFEST_NAME).exists()):
         saved = read_json(saved_path)
@@ -135,19 +136,19 @@ def build_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path
                         bytes_needed):
         write_json(plan.out_dir / ARGS_NAME, plan.identity)
         start = time.perf_counter()
-        report = run_stage("index", index_passes(plan), executor, args.progress)
+        report = run_stage("index", index_passes(plan, executor), executor, args.progress)
         LOG.info("index: %s in %.1fs", report.seconds, time.perf_counter() - start)
     return plan.out_dir
 
 
-def index_passes(plan: IndexPlan):
+def index_passes(plan: IndexPlan, executor: Optional[Executor] = None):
     args = plan.args
     factors = load_factors(plan.factors_dir, plan.identity["model_fingerprint"])
     key = (plan.identity["factors_fingerprint"], args.sketch_dim, args.seed, args.dtype, args.device)
     work = IndexWork(plan.spec, factors, tuple(plan.info.module_names), args.sketch_dim, args.seed, args.batch_tokens, key)
     pending = [k for k in range(plan.num_shards) if not sketch_shard_exists(plan.out_dir, k, plan.num_shards)]
     start = time.perf_counter()
-    yield Pass("sketch", pending, sketch_work, save=partial(_save_shard, plan), reduce=partial(_finish, plan, start),
+    yield Pass("sketch", pending, sketch_work, save=partial(_save_shard, plan), reduce=partial(_finish, plan, start, executor),
                payload=lambda k: token_rows(plan.sequences, plan.rows(k)), shared=work, shared_key=("index", key, plan.spec),
                sizes=[len(plan.rows(k)) for k in pending])
 
@@ -182,11 +183,11 @@ def _save_shard(plan: IndexPlan, shard: int, output: dict) -> None:
     write_sketch_shard(plan.out_dir, shard, plan.num_shards, output["sketch"], table)
 
 
-def _finish(plan: IndexPlan, start: float) -> None:
+def _finish(plan: IndexPlan, start: float, executor: Optional[Executor]) -> None:
     """Merge the shards, write the manifest last (it marks the index complete), then drop the shards."""
     args = plan.args
     merge_sketch_shards(plan.out_dir, plan.num_shards, factory=plan.factory, train_size=args.train_size, seed=args.seed,
-                        progress=args.progress, fold_dim=args.fold_dim)
+                        progress=args.progress, fold_dim=args.fold_dim, executor=executor)
     tokens = int(sum(plan.sequences["num_tokens"].to_pylist()))
     write_manifest(plan.out_dir, "index", **plan.identity, sketch_dim=args.sketch_dim, first_tier=plan.factory,
                    **references(plan.out_dir, model_dir=plan.model_dir, factors_dir=plan.factors_dir, corpus_dir=plan.corpus_dir),

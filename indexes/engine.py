@@ -133,11 +133,13 @@ class QueryEngine:
         chosen = []  # per query and sign: the columns of the returned documents
         for qi in range(len(queries)):
             for sign in (1.0, -1.0):
-                # every re-ranked sequence has an exact score: rank them all, whichever pool brought them in
-                chosen.append(np.argsort(-sign * scored.scores[qi], kind="stable")[: args.top_k])
+                # every re-ranked sequence has an exact score: rank them all, whichever pool brought them in; a list
+                # holds only scores of its sign (a corpus smaller than 2 x top_k must not list a positive as negative)
+                columns = np.argsort(-sign * scored.scores[qi], kind="stable")[: args.top_k]
+                chosen.append(columns[sign * scored.scores[qi, columns] > 0])
         token_scores = {}
         if args.per_token:
-            returned = np.unique(np.concatenate(chosen))
+            returned = np.unique(np.concatenate(chosen)).astype(np.int64)
             _, _, per_token = self._score(prepared, union[returned], True, args.batch_tokens)
             token_scores = dict(zip(returned.tolist(), per_token))
         seconds["tokens"] = time.perf_counter() - tick
@@ -167,7 +169,9 @@ class QueryEngine:
         """The top sketch scores of each sign as they come from the index: estimates, no exact scores or breakdowns."""
         documents = []
         for sign, pool in zip("+-", pools):
-            for rank, (seq_id, score) in enumerate(zip(pool.seq_ids[: args.top_k], pool.sketch_scores[: args.top_k]), start=1):
+            direction = 1.0 if sign == "+" else -1.0
+            kept = [(s, v) for s, v in zip(pool.seq_ids[: args.top_k], pool.sketch_scores[: args.top_k]) if direction * v > 0]
+            for rank, (seq_id, score) in enumerate(kept, start=1):
                 documents.append(self._document(query, sign, rank, int(seq_id), float(score), [], None, float(score)))
         completion = token_texts(self.tokenizer, tokenized.completion_ids)
         return QueryResult(query, completion, documents, args.generator, 0, dict(seconds), exact=False)

@@ -8,6 +8,7 @@ directory, which is never counted as finished.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from indexes.constants import INDEX_ID, ROWS_NAME, SEQ_ID, SKETCH_SHARD_NAME, SKETCHES_NAME
-from influence.artifacts import ensure_writable_dir
+from influence.artifacts import ensure_writable_dir, no_space_error
 from influence.errors import InfluenceError
 
 LOG = logging.getLogger(__name__)
@@ -70,6 +71,10 @@ def write_sketch_shard(index_dir: Path, shard: int, num_shards: int, sketches: n
         np.save(tmp / SKETCHES_NAME, np.ascontiguousarray(sketches), allow_pickle=False)
         pq.write_table(rows.replace_schema_metadata(None), tmp / ROWS_NAME)
         _rename_into_place(tmp, final)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise no_space_error(final, size=sketches.nbytes) from exc
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

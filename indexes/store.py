@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from indexes.constants import DOCS_NAME, FACTORY_EXAMPLES, INDEX_ID, INDEX_META_NAME, INDEX_NAME, NO_FACTORY, SCALE, SEQ_ID, STORE_NAME
 from indexes.search import SketchStore, fold
+from indexes.tiers import add_blocks
 from indexes.shards import (
     check_sketches,
     duplicate_values,
@@ -54,6 +55,7 @@ def merge_sketch_shards(
     block_size: int = 8192,
     progress: bool = True,
     fold_dim: int | None = None,
+    executor=None,
 ) -> Path:
     """Build the sketch store (`sketches.npy`), `docs.parquet` and, with a factory, `index.faiss` from all shards.
 
@@ -71,6 +73,8 @@ def merge_sketch_shards(
         seed: Seed of the training sample.
         block_size: Rows written per step: bounds the RAM used beyond the index itself.
         progress: Show a tqdm bar over the rows added.
+        fold_dim: The first tier indexes the sketches folded to this many numbers (`search.fold`); None: unfolded.
+        executor: Where an IVF first tier's blocks are encoded (`tiers.add_blocks`); default: this process.
 
     Returns:
         The index directory.
@@ -104,12 +108,22 @@ def merge_sketch_shards(
                 sample = fold(_sample_rows(index_dir, num_shards, sizes, train_size, seed), index_dim)  # (num_train, d1)
                 check_sketches(sample, where=f"the training sample of {index_dir}")
                 num_train = _train_index(index, factory, sample)
-            for shard in range(num_shards):
-                sketches = load_shard_sketches(index_dir, shard, num_shards)  # (n_shard, d) memmap
-                for start in range(0, sketches.shape[0], block_size):
+            blocks = [(shard, start) for shard, size in enumerate(sizes) for start in range(0, size, block_size)]
+            offsets = np.concatenate([[0], np.cumsum(sizes)])
+
+            def block(task: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+                shard, start = task
+                rows = load_shard_sketches(index_dir, shard, num_shards)[start : start + block_size]  # (<= block_size, d)
+                ids = np.arange(offsets[shard] + start, offsets[shard] + start + len(rows), dtype=np.int64)
+                return ids, fold(np.ascontiguousarray(rows), index_dim)
+
+            if isinstance(faiss.downcast_index(index), faiss.IndexIVF):  # a plain IVF: encoded in parallel, merged in order
+                add_blocks(faiss.downcast_index(index), blocks, block, executor, progress=False)
+            else:
+                for task in blocks:
                     # Plain add assigns sequential ids ntotal.., i.e. the global row offset in shard order,
                     # and works for every index type (HNSW has no add_with_ids).
-                    index.add(fold(np.ascontiguousarray(sketches[start : start + block_size]), index_dim))
+                    index.add(block(task)[1])
         assert index.ntotal == total, (index.ntotal, total)
         with atomic_path(index_dir / INDEX_NAME) as tmp:
             faiss.write_index(index, str(tmp))
@@ -279,6 +293,29 @@ def _check_trainable(index: faiss.Index, factory: str, num_train: int) -> None:
             f"factory {factory!r} needs at least {ivf.nlist} training rows for its {ivf.nlist} IVF centroids, "
             f"but only {num_train} are available; use a smaller nlist (e.g. IVF{max(1, num_train // 39)}) or \"Flat\""
         )
+    codebook = _largest_codebook(index)
+    if num_train < codebook:
+        raise InfluenceError(
+            f"factory {factory!r} trains codebooks of {codebook} centroids, which needs at least {codebook} training rows, "
+            f"but only {num_train} are available; use fewer bits (e.g. PQ16x4 trains on 16 rows), an SQ or Flat factory, "
+            "or more documents"
+        )
+
+
+def _largest_codebook(index: faiss.Index) -> int:
+    """The most centroids any product or additive quantizer inside `index` trains (2^nbits), or 0."""
+    largest, current = 0, faiss.downcast_index(index)
+    while current is not None:
+        for quantizer in (getattr(current, "pq", None), getattr(current, "aq", None)):
+            nbits = getattr(quantizer, "nbits", 0) if quantizer is not None else 0
+            bits = [nbits] if isinstance(nbits, int) else faiss.vector_to_array(nbits).tolist()  # RQ/LSQ: one per step
+            largest = max([largest, *(1 << int(b) for b in bits if b)])
+        if isinstance(current, faiss.IndexPreTransform):
+            current = faiss.downcast_index(current.index)
+        else:
+            ivf = faiss.try_extract_index_ivf(current) if not isinstance(current, faiss.IndexIVF) else None
+            current = faiss.downcast_index(ivf) if ivf is not None else None
+    return largest
 
 
 def _create_index(dim: int, factory: str) -> faiss.Index:

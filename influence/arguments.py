@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -25,6 +26,9 @@ class StageArgs:
 
     #: fields that do not change an artifact (speed knobs) and so may differ between runs
     RUNTIME_ONLY: tuple[str, ...] = ()
+    #: fields used only by a stage's final reduce (not by its shards): an unfinished run resumed with other values (a
+    #: corrected FAISS factory after the merge failed) keeps its shards; a finished artifact must still match them
+    REDUCE_ONLY: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,8 +48,13 @@ class StageArgs:
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_ONLY}
 
     def require_matches(self, saved: dict[str, Any], where: str) -> None:
-        mine = self.artifact_dict()
-        theirs = {k: v for k, v in saved.items() if k not in self.RUNTIME_ONLY}
+        """Refuse to resume or reuse `where` (an artifact directory) with settings other than its saved ones; a directory
+        without a manifest (an unfinished run) may differ in the REDUCE_ONLY fields, which its shards do not depend on."""
+        from influence.constants import MANIFEST_NAME
+
+        ignored = self.RUNTIME_ONLY + (() if (Path(where) / MANIFEST_NAME).exists() else self.REDUCE_ONLY)
+        mine = {k: v for k, v in self.artifact_dict().items() if k not in ignored}
+        theirs = {k: v for k, v in saved.items() if k not in ignored}
         diffs = {k: (theirs.get(k), mine.get(k)) for k in set(mine) | set(theirs) if theirs.get(k) != mine.get(k)}
         if diffs:
             detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in sorted(diffs.items()))
@@ -66,7 +75,7 @@ class StageArgs:
 
 def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
-        raise InfluenceError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        raise InfluenceError(f"unknown dtype {dtype!r}; choose one of {', '.join(sorted(DTYPES))}")
 
 
 def check_positive(name: str, value: Optional[float], allow_none: bool = False) -> None:
@@ -80,6 +89,15 @@ def check_positive(name: str, value: Optional[float], allow_none: bool = False) 
 def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InfluenceError(f"{name} must be a positive integer, got {value!r}; pass 1 or more")
+
+
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(name: str, value: Any) -> None:
+    """Seeds feed torch generators and hash functions: an integer in [0, 2^32) (a negative or huge one would fail later)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise InfluenceError(f"{name} must be an integer from 0 to {MAX_SEED}, got {value!r}; pass e.g. 0")
 
 
 def _check_runtime(args: Any) -> None:
@@ -110,12 +128,13 @@ class CorpusArgs(StageArgs):
 
     def __post_init__(self) -> None:
         if self.policy not in ("chunk", "truncate"):
-            raise InfluenceError(f"policy must be 'chunk' or 'truncate', got {self.policy!r}")
+            raise InfluenceError(f"policy must be 'chunk' or 'truncate', got {self.policy!r}; pass --policy chunk or --policy truncate")
         check_positive_int("max_length", self.max_length)
         if self.max_length < 2:
-            raise InfluenceError(f"max_length must be at least 2 tokens, got {self.max_length}")
-        if not isinstance(self.min_tokens, int) or not 2 <= self.min_tokens <= self.max_length:
-            raise InfluenceError(f"min_tokens must lie in [2, max_length={self.max_length}], got {self.min_tokens}")
+            raise InfluenceError(f"max_length must be at least 2 tokens, got {self.max_length}; pass --max-length 2 or more")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or not 2 <= self.min_tokens <= self.max_length:
+            raise InfluenceError(f"min_tokens must lie in [2, max_length={self.max_length}], got {self.min_tokens!r}; "
+                                 "pass a --min-tokens from 2 to --max-length")
 
 
 @dataclass
@@ -131,7 +150,7 @@ class FactorArgs(StageArgs):
     damping_scale: float = _help("the heuristic damping's multiple of the mean eigenvalue", 0.1)
     dtype: str = _help("dtype of the model while fitting (factors are float32, or float64 with a float64 model)", "float32")
     seed: int = _help("seed for the sampled labels of the true Fisher", 0)
-    batch_tokens: int = _help(BATCH_TOKENS_HELP, 4096)
+    batch_tokens: int = _help(BATCH_TOKENS_HELP, 2048)
     keep_shards: bool = _help("keep the pass shards and pass 1's eigenvectors after the fit (they are removed by default)", False)
     device: str = _help("torch device: cpu, cuda, cuda:N", "cpu")
     progress: bool = _help("show progress bars", True)
@@ -140,9 +159,10 @@ class FactorArgs(StageArgs):
         if self.strategy not in STRATEGIES:
             raise InfluenceError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.fisher not in ("true", "empirical"):
-            raise InfluenceError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
+            raise InfluenceError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}; pass --fisher true or --fisher empirical")
         check_positive("damping", self.damping, allow_none=True)
         check_positive("damping_scale", self.damping_scale)
+        check_seed("seed", self.seed)
         _check_runtime(self)
 
 
@@ -156,7 +176,7 @@ class ScoreArgs(StageArgs):
     per_module: bool = _help("also return each module's share of the score", True)
     per_token: bool = _help("also return each training token's contribution (slower)", False)
     dtype: str = _help("dtype of the model during scoring", "float32")
-    batch_tokens: int = _help(BATCH_TOKENS_HELP, 4096)
+    batch_tokens: int = _help(BATCH_TOKENS_HELP, 2048)
     device: str = _help("torch device: cpu, cuda, cuda:N", "cpu")
     progress: bool = _help("show progress bars", True)
 
@@ -171,27 +191,31 @@ class IndexArgs(StageArgs):
     """Gradient-sketch index over a corpus (DESIGN.md, "The index")."""
 
     RUNTIME_ONLY = ("batch_tokens", "device", "progress", "keep_shards")
+    REDUCE_ONLY = ("factory", "train_size", "fold_dim")
 
     sketch_dim: int = _help("numbers per document, shared by every tracked module however deep the model is: the "
                             "EK-FAC-whitened gradients of all modules are hashed (count sketch) into one vector of this size, "
                             "stored as float16 (2 bytes each)", 2048)
     sketch: str = _help("sketch method: 'hashed' (count sketch of the whitened gradient, seeded per module)", "hashed")
     seed: int = _help("seed of the hash functions (derived per module)", 0)
-    factory: str = _help("FAISS index_factory string for a search index over the sketches, or 'none' to scan the float16 "
-                         "sketch store exactly (Flat, IVF256,Flat, HNSW32, IVF256,PQ32 ...)", "none")
+    factory: str = _help("the compact first tier: a FAISS index_factory string over the sketches folded to fold_dim numbers "
+                         "(e.g. IVF1024,PQ32: 32 bytes per document in memory), 'none' to scan the float16 sketch store "
+                         "exactly, or 'auto': none below 100,000 sequences, IVF<sqrt n>,PQ<fold_dim/8> above", "auto")
+    fold_dim: int = _help("numbers per document the first tier indexes (the sketch folded: still an unbiased sketch)", 256)
     train_size: int = _help("rows sampled to train IVF/PQ indexes", 50_000)
     shard_size: int = _help("sequences per resumable shard", 256)
     keep_shards: bool = _help("keep the per-shard sketch files after the merge (they double the disk use)", False)
     dtype: str = _help("dtype of the model while sketching", "float32")
-    batch_tokens: int = _help(BATCH_TOKENS_HELP, 4096)
+    batch_tokens: int = _help(BATCH_TOKENS_HELP, 2048)
     device: str = _help("torch device: cpu, cuda, cuda:N", "cpu")
     progress: bool = _help("show progress bars", True)
 
     def __post_init__(self) -> None:
         if self.sketch not in SKETCHES:
             raise InfluenceError(f"unknown sketch {self.sketch!r}; choose one of {', '.join(SKETCHES)}")
-        for name in ("sketch_dim", "train_size", "shard_size"):
+        for name in ("sketch_dim", "train_size", "shard_size", "fold_dim"):
             check_positive_int(name, getattr(self, name))
+        check_seed("seed", self.seed)
         if not self.factory or not self.factory.strip():
             raise InfluenceError("factory must be a FAISS factory string or 'none'; pass e.g. --factory none")
         _check_runtime(self)
@@ -211,17 +235,19 @@ class QueryArgs(StageArgs):
     adaptive: bool = _help("re-rank index candidates best-first and stop a sign once none left can plausibly enter its top k "
                            "(sketch score + stop_margin x sketch noise < the k-th exact score); off: re-rank every candidate", True)
     stop_margin: float = _help("standard deviations of sketch noise allowed for in the adaptive stop; larger is safer and slower", 2.0)
-    nprobe: Optional[int] = _help("IVF lists visited per search (IVF indexes only)", None)
+    nprobe: Optional[int] = _help("IVF lists visited per search (indexes whose first tier is IVF)", None)
+    first_tier_depth: int = _help("candidates per sign the first tier proposes for the sketch store to order (indexes with a "
+                                  "first tier)", 2000)
     per_token: bool = _help("compute per-token influence inside the returned documents", True)
     dtype: str = _help("dtype of the model while querying", "float32")
-    batch_tokens: int = _help(BATCH_TOKENS_HELP, 4096)
+    batch_tokens: int = _help(BATCH_TOKENS_HELP, 2048)
     device: str = _help("torch device: cpu, cuda, cuda:N", "cpu")
     progress: bool = _help("show progress bars", False)
 
     def __post_init__(self) -> None:
         if self.generator not in ("index", "bm25", "exact"):
             raise InfluenceError(f"unknown candidate generator {self.generator!r}; choose index, bm25 or exact")
-        for name in ("top_k", "candidates"):
+        for name in ("top_k", "candidates", "first_tier_depth"):
             check_positive_int(name, getattr(self, name))
         if self.nprobe is not None:
             check_positive_int("nprobe", self.nprobe)
@@ -233,5 +259,5 @@ class QueryArgs(StageArgs):
             raise InfluenceError(f"stop_margin must be a non-negative number of standard deviations, got {self.stop_margin}; "
                                  "pass 0 or more (default 2; larger re-ranks more candidates)")
         if self.candidates < self.top_k:
-            raise InfluenceError(f"candidates ({self.candidates}) must be at least top_k ({self.top_k})")
+            raise InfluenceError(f"candidates ({self.candidates}) must be at least top_k ({self.top_k}); raise --candidates or lower --top-k")
         _check_runtime(self)

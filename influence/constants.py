@@ -35,4 +35,6 @@ ARTIFACT_FILES = {
     "query": ("results.json", "results.parquet", "report.html"),
     "compare": ("top_k.*", "overlap.*", "*_vs_size.png", "summary.json"),
     "audit": ("outliers*", "by_source.*", "by_lang.*", "dominant.*", "self_influence.png", "summary.json", "report.html"),
+    # `influence models`: one save_pretrained directory per model of jobs.models.REAL_MODELS
+    "models": ("smollm2-135m-instruct", "gemma-3-270m"),
 }

@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from influence.arguments import CorpusArgs
-from influence.artifacts import prepare_output, read_manifest, write_json, write_manifest, write_parquet
+from influence.artifacts import check_existing, prepare_output, read_manifest, write_json, write_manifest, write_parquet
 from influence.constants import ARGS_NAME, MANIFEST_NAME, SEQUENCES_NAME
 from influence.errors import InfluenceError
 from influence.models import load_tokenizer, require_model_dir
@@ -39,6 +40,9 @@ def document_files(path: Path) -> list[Path]:
     """The files a documents path stands for: itself, or a folder's .parquet/.jsonl files or `datasets` arrow files."""
     if not path.exists():
         raise InfluenceError(f"documents {path} does not exist; pass a .parquet or .jsonl file, or a folder of them")
+    if not path.is_file() and not path.is_dir():
+        raise InfluenceError(f"documents {path} is neither a file nor a folder (a device or a pipe?); pass a .parquet or .jsonl "
+                             "file, or a folder of them")
     if path.is_file():
         if path.suffix not in DOCUMENT_SUFFIXES:
             raise InfluenceError(f"unknown corpus format {path.suffix!r} for {path}; use .parquet, .jsonl or a datasets folder")
@@ -54,6 +58,15 @@ def document_files(path: Path) -> list[Path]:
     return files
 
 
+def file_fingerprint(path: Path) -> str:
+    """A content hash of one file (blake2b, read in 4 MiB blocks: about a second per GB)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def fingerprint_documents(path: Path | str) -> str:
     """A content hash of the documents' files: a corpus records it, and refuses to be reused once they change."""
     digest = hashlib.blake2b(digest_size=16)
@@ -65,25 +78,61 @@ def fingerprint_documents(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def _read_json_array(path: Path) -> Optional[list[dict]]:
+    """A .json file holding one JSON array of documents (how many tools export), or None when it is JSON Lines."""
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head.startswith(b"["):
+        return None
+    try:
+        rows = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise InfluenceError(f"{path} is not UTF-8 ({exc.reason}); re-encode the file as UTF-8") from exc
+    except (ValueError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply or a number too long"
+        raise InfluenceError(f"{path} is not valid JSON ({reason}); fix the file, or write one document per line (JSONL)") from exc
+    if not isinstance(rows, list):
+        return None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise InfluenceError(f"{path} item {i} is not a JSON object; each document must be {{\"text\": ...}}")
+    return [{"__line__": f"{path} item {i}", **row} for i, row in enumerate(rows)]
+
+
 def _read_jsonl(path: Path) -> list[dict]:
+    if path.suffix == ".json" and (array := _read_json_array(path)) is not None:
+        return array
     rows = []
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InfluenceError(f"{path}:{line_number} is not UTF-8 ({exc.reason}); re-encode the file as UTF-8") from exc
-            if not line.strip():
+            row = parse_json_line(raw, path, line_number)
+            if row is None:
                 continue
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as exc:
-                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-                raise InfluenceError(f"{path}:{line_number} is not valid JSON ({reason}); fix or remove that line") from exc
             if not isinstance(row, dict):
                 raise InfluenceError(f"{path}:{line_number} is not a JSON object; each line must be {{\"text\": ...}}")
             rows.append({"__line__": f"{path}:{line_number}", **row})
     return rows
+
+
+def parse_json_line(raw: bytes, path: Path, line_number: int):
+    """One line of a JSONL file as a value, or None for a blank line; every way it can be bad is one InfluenceError.
+
+    A UTF-8 byte-order mark on the first line is skipped (editors on Windows write one).
+    """
+    try:
+        line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise InfluenceError(f"{path}:{line_number} is not UTF-8 ({exc.reason}); re-encode the file as UTF-8") from exc
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InfluenceError(f"{path}:{line_number} is not valid JSON ({exc.msg}); fix or remove that line") from exc
+    except RecursionError as exc:
+        raise InfluenceError(f"{path}:{line_number} is not valid JSON (nested too deeply); fix or remove that line") from exc
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise InfluenceError(f"{path}:{line_number} is not valid JSON ({str(exc).split(':')[0]}); fix or remove that line") from exc
 
 
 def _read_columnar(path: Path) -> list[dict]:
@@ -120,7 +169,8 @@ def _column_values(table: pa.Table, name: str, path: Path) -> list:
 
 
 def _as_text(value, where: str, name: str, required: bool) -> str | None:
-    """A document field as a string: text must be a non-empty string; ids, sources and languages may be numbers."""
+    """A document field as a string: text must be a non-empty string; ids, sources and languages may be strings or finite
+    numbers (an integer id 7 becomes "7"), never booleans, bytes, lists or maps. Missing values (null, NaN) are None."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         if required:
             raise InfluenceError(f"{where} has no {name} ({value!r}); drop the row or fill it in")
@@ -130,7 +180,11 @@ def _as_text(value, where: str, name: str, required: bool) -> str | None:
     if name == "text" and not isinstance(value, str):
         raise InfluenceError(f"{where}: 'text' is a {type(value).__name__} ({str(value)[:40]!r}), not a string; "
                              "store the text as a string")
-    if isinstance(value, (dict, list)):
+    if isinstance(value, bool):
+        raise InfluenceError(f"{where}: '{name}' is {json.dumps(value)}, a boolean; give a string (or a number)")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InfluenceError(f"{where}: '{name}' is {value}, not a finite number; give a string")
+    if isinstance(value, (dict, list, tuple)):
         raise InfluenceError(f"{where}: '{name}' is a {type(value).__name__}, not a single value; flatten it to a string")
     text = value if isinstance(value, str) else str(value)
     try:
@@ -204,13 +258,14 @@ def fingerprint_sequences(table: pa.Table) -> str:
 
 
 def tokenize_documents(documents: pa.Table, tokenizer, args: CorpusArgs, progress: bool = True) -> tuple[pa.Table, int]:
-    """Sequences cut from the documents, and how many chunks were dropped for being shorter than `min_tokens`."""
+    """Sequences cut from the documents, and how many chunks were dropped for being shorter than `min_tokens`
+    (`dropped_documents(table, documents)` counts the documents left with no sequence at all)."""
     columns: dict[str, list] = {name: [] for name in SEQUENCES_SCHEMA.names}
     dropped = 0
     for row in tqdm(documents.to_pylist(), desc="tokenise", unit="doc", disable=not progress):
         ids = tokenizer(row["text"], add_special_tokens=args.add_special_tokens)["input_ids"]
         chunks = chunk_token_ids(ids, args)
-        dropped += (1 if args.policy == "truncate" else -(-len(ids) // args.max_length)) - len(chunks)
+        dropped += max(1 if args.policy == "truncate" else -(-len(ids) // args.max_length), 1) - len(chunks)
         for chunk_number, chunk in enumerate(chunks):
             columns["seq_id"].append(len(columns["seq_id"]))
             columns["doc_id"].append(row["doc_id"])
@@ -255,6 +310,8 @@ def prepare_corpus(documents_path: Path | str, model_dir: Path | str, out_dir: P
     model_dir = require_model_dir(model_dir)
     tokenizer_id = tokenizer_fingerprint(model_dir)
     documents_id = fingerprint_documents(documents_path)
+    inputs = {"documents": documents_path, "model": model_dir}
+    check_existing(out_dir, "corpus", inputs)
     if (out_dir / MANIFEST_NAME).exists():
         manifest = read_manifest(out_dir, "corpus")
         args.require_matches(manifest["args"], str(out_dir))
@@ -265,19 +322,23 @@ def prepare_corpus(documents_path: Path | str, model_dir: Path | str, out_dir: P
             raise InfluenceError(f"{out_dir} holds a corpus cut by another tokenizer than {model_dir}'s; write to a new --out directory")
         LOG.info("corpus %s already prepared; skipping", out_dir)
         return out_dir
-    with prepare_output(out_dir, "corpus", inputs={"documents": documents_path, "model": model_dir}):
+    needed = 2 * sum(f.stat().st_size for f in document_files(documents_path))  # text, token ids and decoded text, compressed
+    with prepare_output(out_dir, "corpus", inputs, needed_bytes=needed):
         start = time.perf_counter()
         documents = load_documents(documents_path)
         table, dropped = tokenize_documents(documents, load_tokenizer(model_dir), args, progress=progress)
+        lost = documents.num_rows - len(set(table["doc_id"].to_pylist()))
         if dropped:
-            LOG.warning("dropped %d chunks shorter than %d tokens (min_tokens)", dropped, args.min_tokens)
+            LOG.warning("dropped %d chunks shorter than %d tokens (min_tokens), %d of them whole documents", dropped,
+                        args.min_tokens, lost)
         write_parquet(out_dir / SEQUENCES_NAME, table)
+        sequences_file = file_fingerprint(out_dir / SEQUENCES_NAME)
         write_json(out_dir / ARGS_NAME, args.to_dict())
         write_manifest(
             out_dir, "corpus", corpus_fingerprint=fingerprint_sequences(table), tokenizer_fingerprint=tokenizer_id,
             documents_fingerprint=documents_id, model_dir=str(model_dir), documents=str(documents_path), args=args.to_dict(),
             num_documents=documents.num_rows, num_sequences=table.num_rows, num_tokens=int(sum(table["num_tokens"].to_pylist())),
-            num_dropped=dropped,
+            num_dropped=dropped, num_dropped_documents=lost, sequences_file_fingerprint=sequences_file,
         )
     LOG.info("corpus: %d documents -> %d sequences in %.1fs", documents.num_rows, table.num_rows, time.perf_counter() - start)
     return out_dir
@@ -291,6 +352,10 @@ def load_sequences(corpus_dir: Path | str) -> tuple[pa.Table, dict]:
     """
     corpus_dir = Path(corpus_dir)
     manifest = read_manifest(corpus_dir, "corpus")
+    recorded = manifest.get("sequences_file_fingerprint")
+    if isinstance(recorded, str) and (corpus_dir / SEQUENCES_NAME).is_file() and file_fingerprint(corpus_dir / SEQUENCES_NAME) != recorded:
+        raise InfluenceError(f"{corpus_dir / SEQUENCES_NAME} changed after the corpus stage wrote it (edited or replaced); "
+                             "re-run `influence corpus` into a new directory")
     try:
         table = pq.read_table(corpus_dir / SEQUENCES_NAME)
     except (OSError, pa.ArrowException) as exc:

@@ -38,6 +38,7 @@ import torch
 from influence import constants as C
 from influence.arguments import FactorArgs
 from influence.artifacts import (
+    check_existing,
     load_tensors,
     prepare_output,
     read_json,
@@ -145,6 +146,7 @@ def plan_fit(model_dir: Path | str, corpus_dir: Path | str, out_dir: Path | str,
     require_same_tokenizer(corpus_manifest, model_dir, corpus_dir)
     require_fits_context(sequences, info.context, corpus_dir)
     identity = model_identity(model_dir)
+    check_existing(out_dir, "factors", {"model": model_dir, "corpus": corpus_dir})  # before trusting what it holds
     saved = read_json(out_dir / C.ARGS_NAME) if (out_dir / C.ARGS_NAME).is_file() else None
     plan_identity = {"model_fingerprint": identity.fingerprint, "corpus_fingerprint": corpus_manifest["corpus_fingerprint"],
                      "tokenizer_fingerprint": corpus_manifest["tokenizer_fingerprint"], "modules": info.module_names,
@@ -320,8 +322,8 @@ def _save_basis(plan: FitPlan, results: dict, targets: dict[str, list[str]], cou
                 if target.endswith(suffix):
                     name = target[: -len(suffix)]
                     # a copy per module: safetensors refuses tensors that share memory
-                    tensors[name + values_key] = torch.from_numpy(eigenvalues).clone()
-                    tensors[name + vectors_key] = torch.from_numpy(eigenvectors).to(dtype).clone()
+                    tensors[name + values_key] = torch.tensor(eigenvalues)
+                    tensors[name + vectors_key] = torch.tensor(eigenvectors, dtype=dtype)
     save_tensors(plan.out_dir / C.EIGENVECTORS_NAME, tensors)
 
 

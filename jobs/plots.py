@@ -15,7 +15,7 @@ def _figure():
     try:
         import matplotlib
     except ImportError as exc:
-        raise InfluenceError('plots need matplotlib, an optional extra: pip install -e ".[demo]"') from exc
+        raise InfluenceError('plots need matplotlib, an optional extra, which is not installed; pip install -e ".[demo]"') from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -24,8 +24,10 @@ def _figure():
 
 
 def plain_label(text) -> str:
-    """A label drawn as written: matplotlib would parse "$...$" as math (and fail on bad math), so dollars are escaped."""
-    return str(text).replace("$", r"\$")
+    """A label drawn as written: matplotlib would parse "$...$" as math (and fail on bad math), so dollars are escaped,
+    and it would leave a label starting with "_" out of the legend, so a zero-width space goes in front."""
+    text = str(text).replace("$", r"\$")
+    return "\u200b" + text if text.startswith("_") else text
 
 
 def plot_against_size(table: pa.Table, value: str, series: str, path: Path, title: str, ylabel: str) -> Path:
@@ -55,10 +57,12 @@ def plot_against_size(table: pa.Table, value: str, series: str, path: Path, titl
 def plot_histogram(values: np.ndarray, path: Path, title: str, xlabel: str) -> Path:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    values = values[np.isfinite(values)]
     positive = values[values > 0]
-    bins = np.logspace(np.log10(positive.min()), np.log10(positive.max()), 40) if len(positive) > 1 else 40
-    ax.hist(positive if len(positive) > 1 else values, bins=bins, color="#268bd2")
-    if len(positive) > 1:
+    spread = len(positive) > 1 and positive.max() > positive.min()  # log bins need a range (one sequence has none)
+    bins = np.logspace(np.log10(positive.min()), np.log10(positive.max()), 40) if spread else 40
+    ax.hist(positive if spread else values, bins=bins, color="#268bd2")
+    if spread:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("sequences")

@@ -7,6 +7,7 @@ score's distribution over layers. It has no external resources, so it can be mai
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import re
@@ -42,9 +43,16 @@ def marked_snippet(doc: DocumentInfluence, width: int = 90, marks: int = 3) -> s
     return ("…" if start else "") + terminal_text(text[start : start + width])
 
 
+def signed(result: QueryResult) -> QueryResult:
+    """The result with each sign listing only documents of that sign: "most negative" never shows a positive score,
+    even when the corpus has fewer than --top-k documents of a sign (the engine ranks every re-ranked document)."""
+    kept = [d for d in result.documents if (d.score > 0 if d.sign == "+" else d.score < 0)]
+    return result if len(kept) == len(result.documents) else dataclasses.replace(result, documents=kept)
+
+
 def render_terminal(results: Sequence[QueryResult], width: int = 90) -> str:
     lines = []
-    for result in results:
+    for result in map(signed, results):
         q = result.query
         lines.append(f"\n== {terminal_text(q.query_id)} [{terminal_text(q.lang)}] ==  prompt: {q.prompt!r}")
         lines.append(f"   completion: {q.completion!r}")
@@ -54,10 +62,31 @@ def render_terminal(results: Sequence[QueryResult], width: int = 90) -> str:
                      + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.seconds.items()))
         for label, docs in (("most positive (support the completion)", result.positive), ("most negative", result.negative)):
             lines.append(f"   -- {label}")
+            if not docs:
+                lines.append(f"   (none of the {result.num_candidates or 'scored'} documents scored has this sign)")
             for d in docs:
-                top_layer = max(d.layer_scores, key=lambda k: abs(d.layer_scores[k])) if d.layer_scores else "-"
+                top_layer = terminal_text(max(d.layer_scores, key=lambda k: abs(d.layer_scores[k]))) if d.layer_scores else "-"
                 lines.append(f"   {d.sign}{d.rank:<3} {d.score:+.3e}  {terminal_text(d.doc_id)[:22]:<22} {terminal_text(d.lang)[:4]:<4} "
                              f"{top_layer:<9} {marked_snippet(d, width)}")
+    return "\n".join(lines)
+
+
+def render_scores(result, sequences, top: int) -> str:
+    """Per query the `top` most positive and most negative sequences: a sign lists only scores of that sign."""
+    import numpy as np
+
+    lines = []
+    for qi, query_id in enumerate(result.query_ids):
+        scores = result.scores[qi]
+        order = np.argsort(-scores, kind="stable")
+        lines.append(f"\n== {terminal_text(query_id)}: most positive / most negative influence ==")
+        for label, rows in (("+", [r for r in order if scores[r] > 0][:top]), ("-", [r for r in order[::-1] if scores[r] < 0][:top])):
+            if not rows:
+                lines.append(f" {label} (no sequence has a {'positive' if label == '+' else 'negative'} score)")
+            for row in rows:
+                seq = int(result.seq_ids[row])
+                lines.append(f" {label} {scores[row]:+.4e}  {terminal_text(sequences['doc_id'][seq].as_py())[:24]:<24} "
+                             f"{terminal_text(sequences['text'][seq].as_py())[:70]}")
     return "\n".join(lines)
 
 
@@ -139,13 +168,19 @@ pre.tokens{white-space:pre-wrap;flex:1;font-size:.9em;margin:.3em 0}.note{color:
 
 def save_results(results: Sequence[QueryResult], out_dir: Path | str) -> Path:
     """Write results.json, results.parquet and report.html into `out_dir` (atomically, each)."""
+    results = [signed(r) for r in results]
     with prepare_output(Path(out_dir), "query", {}) as out_dir:
-        with atomic_path(out_dir / RESULTS_JSON) as tmp:
-            tmp.write_text(json.dumps([r.to_dict() for r in results], indent=1, ensure_ascii=False), encoding="utf-8")
+        write_text(out_dir / RESULTS_JSON, json.dumps([r.to_dict() for r in results], indent=1, ensure_ascii=False))
         write_parquet(out_dir / RESULTS_PARQUET, results_table(results))
-        with atomic_path(out_dir / REPORT_HTML) as tmp:
-            tmp.write_text(render_html(results), encoding="utf-8")
+        write_text(out_dir / REPORT_HTML, render_html(results))
     return out_dir
+
+
+def write_text(path: Path, text: str) -> None:
+    """A UTF-8 text file, atomically (a full disk is reported with the size it needed)."""
+    data = text.encode("utf-8")
+    with atomic_path(path, len(data)) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_tables(directory: Path, tables: dict[str, pa.Table]) -> None:
@@ -154,7 +189,7 @@ def write_tables(directory: Path, tables: dict[str, pa.Table]) -> None:
 
     for name, table in tables.items():
         write_parquet(Path(directory) / f"{name}.parquet", table)
-        with atomic_path(Path(directory) / f"{name}.csv") as tmp:
+        with atomic_path(Path(directory) / f"{name}.csv", table.nbytes) as tmp:
             pacsv.write_csv(table, tmp)
 
 

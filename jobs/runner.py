@@ -24,23 +24,95 @@ LOG = logging.getLogger(__name__)
 # One torch thread per worker: with few cores, workers that each spawn a full thread pool fight for them.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled",
               "OMP_WAIT_POLICY": "PASSIVE"}
-CONNECT_TIMEOUT_S = 15.0
+# How long a Ray address may take to accept a connection and to answer a gRPC handshake (a live GCS answers in
+# milliseconds; ray.init itself would retry for minutes). The environment variable INFLUENCE_RAY_TIMEOUT_S overrides
+# it (a slow network).
+CONNECT_TIMEOUT_S = 5.0
 
 
-def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Fail fast, with the fix, when nothing answers at a Ray address (ray.init would wait for minutes)."""
-    if address in ("auto", "local"):
+# The client preface of HTTP/2 and an empty SETTINGS frame: a gRPC server (Ray's GCS, or its client server behind
+# ray://) answers with a SETTINGS frame of its own.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_H2_SETTINGS = 4
+_FIX = "start one with `ray start --head`, fix --address / RAY_ADDRESS, or leave them out to run on a fresh local cluster"
+
+
+def connect_timeout() -> float:
+    """CONNECT_TIMEOUT_S, or INFLUENCE_RAY_TIMEOUT_S when it is set to a number."""
+    try:
+        return float(os.environ.get("INFLUENCE_RAY_TIMEOUT_S", CONNECT_TIMEOUT_S))
+    except ValueError:
+        return CONNECT_TIMEOUT_S
+
+
+def recorded_address() -> tuple[Optional[str], str]:
+    """The cluster the last `ray start` on this machine recorded (what Ray's "auto" means), and the file it is in."""
+    from ray._common.utils import get_ray_address_file
+
+    path = get_ray_address_file(None)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip() or None, path
+    except OSError:
+        return None, path
+
+
+def resolve_address(address: Optional[str]) -> Optional[str]:
+    """The Ray address a job joins (None: start a fresh local cluster), checked to answer within CONNECT_TIMEOUT_S.
+
+    With no address (and no RAY_ADDRESS) the job never attaches to a cluster recorded by an earlier `ray start`,
+    which may be long gone; "auto" means that recorded cluster, and is checked like any address.
+    """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None or address == "local":
+        return None
+    if address == "auto":
+        recorded, path = recorded_address()
+        if recorded is None:
+            raise InfluenceError(f"--address auto found no cluster recorded by `ray start` ({path} is missing); {_FIX}")
+        check_address(recorded, what=f"the cluster `ray start` recorded in {path}")
+        return recorded
+    check_address(address)
+    return address
+
+
+def check_address(address: str, timeout: Optional[float] = None, what: str = "") -> None:
+    """Fail within `timeout` seconds (default CONNECT_TIMEOUT_S, or INFLUENCE_RAY_TIMEOUT_S; twice: connect, then answer),
+    with the fix, when no Ray cluster answers at an address.
+
+    A TCP connection is not enough: a dead cluster's port may be taken by another program, or a firewall may accept
+    and stay silent. The address must answer an HTTP/2 handshake as Ray's gRPC servers do (skipped with RAY_USE_TLS).
+    """
+    if address == "local":
         return
+    timeout = timeout or connect_timeout()
+    what = what or address
     target = address.split("://", 1)[-1]
     host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise InfluenceError(f"Ray address {address!r} is not HOST:PORT (or ray://HOST:PORT); pass the address `ray start --head` printed")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
+        connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
     except OSError as exc:
-        raise InfluenceError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one with `ray start --head`, "
-                             "fix --address / RAY_ADDRESS, or leave them out to run on a local cluster") from exc
+        raise InfluenceError(f"no Ray cluster answers at {what} ({exc.strerror or exc}); {_FIX}") from exc
+    with connection:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return
+        try:
+            connection.settimeout(timeout)
+            connection.sendall(_H2_PREFACE)
+            header = b""
+            while len(header) < 9:
+                chunk = connection.recv(9 - len(header))
+                if not chunk:
+                    break
+                header += chunk
+        except OSError as exc:
+            raise InfluenceError(f"the Ray address {what} accepts connections but does not answer within {timeout:.0f}s "
+                                 f"({exc.strerror or 'timed out'}): no live Ray cluster is there; {_FIX}") from exc
+    if len(header) < 9 or header[3] != _H2_SETTINGS:
+        raise InfluenceError(f"the Ray address {what} answers, but not as a Ray cluster does (no gRPC handshake); "
+                             f"it is another program's port; {_FIX}")
 
 
 @contextmanager
@@ -52,9 +124,7 @@ def ray_cluster(address: Optional[str] = None, num_cpus: Optional[int] = None) -
     if ray.is_initialized():  # a session the caller opened (a notebook, the demo, a test): use it as it is
         yield
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        check_address(address)
+    address = resolve_address(address)
     # Ray's own INFO chatter would drown the stage's progress bars and summary
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": False, "logging_level": logging.WARNING}
     if address:
@@ -99,17 +169,20 @@ class RayExecutor:
 
     def __init__(self, workers: int = 2, address: Optional[str] = None, gpus_per_worker: float = 0.0, max_restarts: int = 3):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise InfluenceError(f"--workers must be at least 1, got {workers!r}; pass a positive number (or --in-process)")
+            raise InfluenceError(f"--workers must be a positive integer, got {workers!r}; pass 1 or more (or --in-process)")
         self.workers, self.address, self.gpus_per_worker, self.max_restarts = workers, address, gpus_per_worker, max_restarts
         self._actors: list = []
+        self._entered = False
         self._cluster = None
 
     def __enter__(self) -> "RayExecutor":
-        self._cluster = ray_cluster(self.address)
-        self._cluster.__enter__()
+        self._entered = True
         return self
 
     def __exit__(self, *exc) -> None:
+        if not self._actors and self._cluster is None:  # never started: nothing to stop (and no need to import Ray)
+            self._entered = False
+            return
         import ray
 
         for actor in self._actors:
@@ -118,17 +191,37 @@ class RayExecutor:
         if self._cluster is not None:
             self._cluster.__exit__(*exc)
             self._cluster = None
+        self._entered = False
 
     def _pool(self) -> list:
+        """The workers, started on first use: a stage that refuses its inputs never waits for a cluster."""
         import ray
 
-        if self._cluster is None:
+        if not self._entered:
             raise InfluenceError("RayExecutor must be used as a context manager: `with RayExecutor(...) as executor:`")
+        if self._cluster is None:
+            # a local cluster gets a CPU per worker even on a smaller machine (oversubscribed, not stuck)
+            self._cluster = ray_cluster(self.address, num_cpus=max(os.cpu_count() or 1, self.workers))
+            self._cluster.__enter__()
         if not self._actors:
+            self._check_capacity()
             actor = ray.remote(StageWorker).options(num_cpus=1, num_gpus=self.gpus_per_worker, max_restarts=self.max_restarts,
                                                     max_task_retries=self.max_restarts)
             self._actors = [actor.remote() for _ in range(self.workers)]
         return self._actors
+
+    def _check_capacity(self) -> None:
+        """Refuse more workers than the cluster can ever place: the extra actors would wait forever, and the stage with them."""
+        import ray
+
+        resources = ray.cluster_resources()
+        cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+        if self.workers > cpus:
+            raise InfluenceError(f"--workers {self.workers} needs {self.workers} CPUs but the Ray cluster has {cpus:g}; pass "
+                                 f"--workers {max(int(cpus), 1)} or fewer, or add nodes to the cluster")
+        if self.gpus_per_worker and self.workers * self.gpus_per_worker > gpus:
+            raise InfluenceError(f"--workers {self.workers} needs a GPU each but the Ray cluster has {gpus:g}; pass --workers "
+                                 f"{max(int(gpus), 1)} or fewer, or run on a cluster with GPUs")
 
     def map(self, step: Pass) -> Iterator[tuple[Any, Any]]:
         import ray
@@ -144,9 +237,9 @@ class RayExecutor:
                 ref = actor.run.remote(step.work, step.shared_key, shared_box, step.payload(task))
                 in_flight[ref] = (actor, task)
 
-        for actor in actors:  # two tasks per worker in flight: one running, the next one's payload already there
-            submit(actor)
-            submit(actor)
+        for _ in range(2):  # two tasks per worker in flight (one running, the next one's payload there), dealt round-robin
+            for actor in actors:
+                submit(actor)
         while in_flight:
             [ready], _ = ray.wait(list(in_flight), num_returns=1)
             actor, task = in_flight.pop(ready)
@@ -180,7 +273,5 @@ def executor_for(in_process: bool, workers: int = 2, address: Optional[str] = No
     if in_process:
         return nullcontext(LocalExecutor())
     executor = RayExecutor(workers, address, gpus_per_worker=1.0 if str(device).startswith("cuda") else 0.0)
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        check_address(address)
+    executor.address = resolve_address(address) or "local"
     return executor

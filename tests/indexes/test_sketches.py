@@ -123,7 +123,11 @@ def test_store_scan_equals_brute_force_over_the_stored_rows(monkeypatch):
     queries = rng.standard_normal((4, 24)).astype(np.float32)
     (high, high_ids), (low, low_ids) = search_both_signs(SketchStore(rows, scales), queries, 15)
     scores = queries.astype(np.float64) @ (rows.astype(np.float64) * scales[:, None]).T  # (q, n)
-    np.testing.assert_array_equal(high_ids, np.argsort(-scores, axis=1, kind="stable")[:, :15])
-    np.testing.assert_array_equal(low_ids, np.argsort(scores, axis=1, kind="stable")[:, :15])
-    np.testing.assert_allclose(high, np.take_along_axis(scores, high_ids, 1), rtol=1e-5)
-    np.testing.assert_allclose(low, np.take_along_axis(scores, low_ids, 1), rtol=1e-5)
+    tolerance = 1e-3 * np.abs(scores).max()  # the float16 GEMM's rounding
+    for found, got, sign in ((high_ids, high, 1.0), (low_ids, low, -1.0)):
+        np.testing.assert_allclose(got, np.take_along_axis(scores, found, 1), atol=tolerance)
+        kth = np.sort(sign * scores, axis=1)[:, -15]  # the 15th best score of each query, exactly
+        assert (sign * np.take_along_axis(scores, found, 1) >= kth[:, None] - tolerance).all()  # nothing worse came back
+        assert (np.diff(sign * got, axis=1) <= tolerance).all()  # best first
+        exact = np.argsort(-sign * scores, axis=1, kind="stable")[:, :15]
+        assert np.mean([len(set(a) & set(b)) / 15 for a, b in zip(found, exact)]) >= 0.9

