@@ -102,7 +102,7 @@ def merge_sketch_shards(
     num_train = 0
     index_dim = dim if fold_dim is None else min(fold_dim, dim)
     if factory != NO_FACTORY:
-        index = _create_index(index_dim, factory)
+        index = create_index(index_dim, factory)
         with _deterministic_threads(index, factory):
             if not index.is_trained:
                 sample = fold(_sample_rows(index_dir, num_shards, sizes, train_size, seed), index_dim)  # (num_train, d1)
@@ -283,7 +283,7 @@ def _check_shards_agree(index_dir: Path, shapes: list[tuple[int, int]], tables: 
 def check_factory(dim: int, factory: str, num_train: int) -> None:
     """Refuse, before any sketching, a factory that cannot build a `dim`-dimensional inner-product
     index, or whose IVF level has more centroids than the `num_train` rows it would be trained on."""
-    _check_trainable(_create_index(dim, factory), factory, num_train)
+    _check_trainable(create_index(dim, factory), factory, num_train)
 
 
 def _check_trainable(index: faiss.Index, factory: str, num_train: int) -> None:
@@ -318,7 +318,7 @@ def _largest_codebook(index: faiss.Index) -> int:
     return largest
 
 
-def _create_index(dim: int, factory: str) -> faiss.Index:
+def create_index(dim: int, factory: str) -> faiss.Index:
     """faiss.index_factory with an inner-product metric, with errors a user can act on."""
     examples = ", ".join(f'"{example}"' for example in FACTORY_EXAMPLES)
     try:

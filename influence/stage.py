@@ -19,6 +19,8 @@ the driver, so a cluster needs no shared disk for outputs. `run_stage` is the on
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -77,7 +79,13 @@ class Workspace:
         return self._items[key]
 
     def clear(self) -> None:
+        """Drop everything loaded and hand the freed heap back to the system (glibc keeps it otherwise)."""
         self._items.clear()
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 class Executor(Protocol):
@@ -86,6 +94,9 @@ class Executor(Protocol):
     workers: int
 
     def map(self, step: Pass) -> Iterator[tuple[Any, Any]]: ...
+
+    def release(self) -> None:
+        """Free what the workers loaded (models, factors, sketchers) before other work needs the memory."""
 
 
 class LocalExecutor:
@@ -99,6 +110,9 @@ class LocalExecutor:
     def map(self, step: Pass) -> Iterator[tuple[Any, Any]]:
         for task in step.tasks:
             yield task, step.work(self.workspace, step.shared, step.payload(task))
+
+    def release(self) -> None:
+        self.workspace.clear()
 
 
 @dataclass

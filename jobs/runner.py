@@ -183,15 +183,21 @@ class RayExecutor:
         if not self._actors and self._cluster is None:  # never started: nothing to stop (and no need to import Ray)
             self._entered = False
             return
+        self.release()
+        if self._cluster is not None:
+            self._cluster.__exit__(*exc)
+            self._cluster = None
+        self._entered = False
+
+    def release(self) -> None:
+        """Stop the workers and everything they loaded; the next pass starts fresh ones on the same cluster."""
+        if not self._actors:
+            return
         import ray
 
         for actor in self._actors:
             ray.kill(actor)
         self._actors = []
-        if self._cluster is not None:
-            self._cluster.__exit__(*exc)
-            self._cluster = None
-        self._entered = False
 
     def _pool(self) -> list:
         """The workers, started on first use: a stage that refuses its inputs never waits for a cluster."""

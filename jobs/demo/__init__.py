@@ -4,15 +4,18 @@ Documents come from the `chatterbot-corpus` package (English, Korean, Turkish di
 Llama-style models of increasing size are trained on them (cached in the work directory); each gets
 EK-FAC factors and a sketch index (Ray jobs on a local cluster); the paper's shutdown query is asked
 in English, Korean and Turkish; the compare job relates the answers across sizes and languages.
+
+`--preset real` and `--preset real-tiny` (pretrained models over aligned documents) live in `jobs.demo.real`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -114,8 +117,10 @@ def build_demo(work_dir: Path | str, preset_name: str = "full", executor: Option
     from influence.factors import fit_factors
     from jobs.demo.tiny import build_model, build_tokenizer, train_model
 
+    from jobs.demo.real import REAL_PRESETS
+
     if preset_name not in PRESETS:
-        raise InfluenceError(f"unknown demo preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
+        raise InfluenceError(f"unknown demo preset {preset_name!r}; choose one of {', '.join([*PRESETS, *REAL_PRESETS])}")
     preset, work_dir = PRESETS[preset_name], Path(work_dir) / preset_name
     documents = work_dir / "documents.parquet"
     if not documents.exists():
@@ -145,10 +150,20 @@ def build_demo(work_dir: Path | str, preset_name: str = "full", executor: Option
 
 
 def run_demo(work_dir: Path | str = "demo_runs", preset_name: str = "full", executor: Optional[Executor] = None,
-             progress: bool = True) -> dict:
-    """Build everything, ask the shutdown query in three languages on every model, compare, report."""
+             progress: bool = True, groups_per_source: Optional[int] = None) -> dict:
+    """Build everything, ask the shutdown query in three languages on every model, compare, report.
+
+    `groups_per_source` overrides the size of a real preset's corpus (`RealPreset.groups_per_source`).
+    """
+    from jobs.demo.real import REAL_PRESETS, run_real_demo
+
+    if preset_name in REAL_PRESETS:
+        return run_real_demo(work_dir, preset_name, executor, progress, groups_per_source)
+    if groups_per_source is not None:
+        raise InfluenceError(f"groups_per_source sizes the real presets ({', '.join(REAL_PRESETS)}), not {preset_name!r}")
     from indexes.engine import QueryEngine
     from jobs.compare import run_compare
+    from jobs.demo.parallel import align_document
     from jobs.report import render_terminal, save_results
 
     start = time.perf_counter()
@@ -158,8 +173,16 @@ def run_demo(work_dir: Path | str = "demo_runs", preset_name: str = "full", exec
     engine = QueryEngine(run.indexes[largest], QueryArgs(top_k=5, candidates=100))
     results = engine.query(queries)
     report_dir = save_results(results, run.work_dir / "report")
+    # the chatterbot conversations that are translations of one another (jobs.demo.parallel) align the tiny runs
     compare_dir = run_compare(run.indexes, queries, run.work_dir / "compare", QueryArgs(top_k=10, candidates=100, per_token=False),
-                              executor)
+                              executor, align=align_document)
     sequences, _ = load_sequences(run.corpus_dir)
     return {"run": run, "results": results, "terminal": render_terminal(results), "report": report_dir / "report.html",
             "compare": compare_dir, "seconds": time.perf_counter() - start, "num_sequences": sequences.num_rows, "largest": largest}
+
+
+def write_json(path: Path, value: Union[dict, list]) -> None:
+    from influence.artifacts import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")

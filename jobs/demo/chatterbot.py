@@ -48,6 +48,11 @@ except AttributeError:  # pragma: no cover - PyYAML built without libyaml
     _LOADER = yaml.BaseLoader
 
 
+def read_yaml(text: str):
+    """A YAML document as plain data: BaseLoader builds only strings, lists and maps (no objects, no type tags)."""
+    return yaml.load(text, Loader=_LOADER)
+
+
 def chatterbot_data_dir():
     """The installed package's `data/` directory (an importlib.resources Traversable)."""
     try:
@@ -136,7 +141,7 @@ def chatterbot_documents(languages: Union[str, Iterable[str], None] = ("english"
         for topic_file in topics:
             topic = topic_file.name.rsplit(".", 1)[0]
             try:
-                content = yaml.load(topic_file.read_text(encoding="utf-8"), Loader=_LOADER)
+                content = read_yaml(topic_file.read_text(encoding="utf-8"))
             except yaml.YAMLError as exc:
                 raise InfluenceError(f"cannot parse chatterbot-corpus file {language}/{topic_file.name}: {exc}") from exc
             conversations = content.get("conversations") if isinstance(content, dict) else None

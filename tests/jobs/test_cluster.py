@@ -4,10 +4,12 @@ each): fit and index run there through the CLI, with relative output paths, equa
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,16 +44,18 @@ def two_nodes(tmp_path_factory):
     """The address of a head node and a second node, each started with --block in its own process group, so that
     the test stops exactly the processes it started (not `ray stop`, which would stop every Ray node here)."""
     root = tmp_path_factory.mktemp("cluster")
+    # Ray's socket paths live under --temp-dir and must stay under 107 bytes (AF_UNIX): pytest's own paths can be longer
+    short = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     port = _free_port()
     common = ["--block", "--num-cpus=1", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
     nodes = []
     try:
         nodes.append(subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
-                                       f"--temp-dir={root / 'head'}", *common], env=ENV, start_new_session=True,
+                                       f"--temp-dir={short / 'h'}", *common], env=ENV, start_new_session=True,
                                       stdout=(root / "head.log").open("w"), stderr=subprocess.STDOUT))
         address = f"127.0.0.1:{port}"
         assert _wait_for(lambda: _alive_nodes(address) == 1, timeout=180, poll=2), (root / "head.log").read_text()[-3000:]
-        nodes.append(subprocess.Popen([RAY, "start", f"--address={address}", f"--temp-dir={root / 'second'}", *common], env=ENV,
+        nodes.append(subprocess.Popen([RAY, "start", f"--address={address}", f"--temp-dir={short / 's'}", *common], env=ENV,
                                       start_new_session=True, stdout=(root / "second.log").open("w"), stderr=subprocess.STDOUT))
         assert _wait_for(lambda: _alive_nodes(address) == 2, timeout=180, poll=2), (root / "second.log").read_text()[-3000:]
         yield address
@@ -63,6 +67,7 @@ def two_nodes(tmp_path_factory):
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 os.killpg(node.pid, signal.SIGKILL)
                 node.wait()
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def test_fit_and_index_on_two_nodes_equal_a_single_process(two_nodes, llama_dir, corpus_dir, tmp_path):

@@ -37,6 +37,7 @@ def test_index_and_scores_on_ray_equal_a_single_process(ray_local, llama_dir, ek
     here = compute_scores(llama_dir, ekfac_dir, corpus_dir, queries, ScoreArgs(progress=False, per_token=True))
     with RayExecutor(2) as executor:
         distributed = build_index(llama_dir, ekfac_dir, corpus_dir, tmp_path / "ray", args, executor)
+        executor.release()  # the workers go with what they loaded; the scores run on fresh ones
         there = compute_scores(llama_dir, ekfac_dir, corpus_dir, queries, ScoreArgs(progress=False, per_token=True), executor=executor)
     for name in ("sketches.npy", "docs.parquet"):
         assert (single / name).read_bytes() == (distributed / name).read_bytes()
