@@ -15,6 +15,7 @@ chatterbot conversations, round-robin over languages. One function per section:
   largest error of the re-ranked scores relative to the largest exact score (the re-rank is exact: ~1e-7).
 - `candidate_recall`: recall of the exact top-10 per sign among the index's top candidates, by depth (what an exact
   re-rank of that many would return), and Spearman of sketch scores with exact scores over all documents.
+- `many_queries`: seconds per query with 1, 6 and 32 queries in one call, against one call each.
 - `no_rerank` (`QueryArgs(rerank=False)`, `influence query --no-rerank`): latency and recall of the top sketch scores.
 - `bm25_answers`: the engine's answers with BM25 candidates (the paper's TF-IDF-style filter) at the default depth.
 - `peers`: Kronfluence's pairwise EK-FAC scores over the corpus (its fit excluded from the time) against the engine's
@@ -292,6 +293,25 @@ def variants(settings: Settings, engine: QueryEngine, setup: Setup) -> dict:
     return time_queries(configs, setup.queries[: settings.variant_queries], setup.warmup[:1])[0]
 
 
+def many_queries(settings: Settings, engine: QueryEngine, setup: Setup, counts: tuple = (1, 6, 32)) -> dict:
+    """Seconds per query when `n` queries go in one `engine.query` call (they share the search and the re-rank
+    batches), against the same queries one call each; the queries cycle through the benchmark's with fresh ids."""
+    args = QueryArgs(top_k=settings.top_k)
+    pool = [dataclasses.replace(setup.queries[i % len(setup.queries)], query_id=f"many-{i}") for i in range(max(counts))]
+    engine.query(setup.warmup[:1], args)
+    out = {}
+    for n in counts:
+        batch = pool[:n]
+        with common.Timer() as together:
+            engine.query(batch, args)
+        with common.Timer() as apart:
+            for query in batch:
+                engine.query([query], args)
+        out[str(n)] = {"seconds_per_query_in_one_call": together.seconds / n, "seconds_per_query_one_call_each": apart.seconds / n,
+                       "ratio": together.seconds / apart.seconds}
+    return out
+
+
 def no_rerank(settings: Settings, engine: QueryEngine, setup: Setup, exact: np.ndarray) -> dict:
     """`QueryArgs(rerank=False)`: the top sketch scores, end to end, against the exact scan."""
     summaries, results = time_queries({"no_rerank": (engine, QueryArgs(top_k=settings.top_k, rerank=False))}, setup.queries, setup.warmup)
@@ -411,6 +431,7 @@ def run(settings: Settings, peers: list[str], work_dir: Path, threads: int) -> d
     depths = tuple(d for d in settings.recall_depths if d <= n)
     result["candidate_recall"] = timed("candidate_recall", candidate_recall, engines[str(n)], setup.queries, exact, depths, settings.top_k)
     result["no_rerank"] = timed("no_rerank", no_rerank, settings, engines[str(n)], setup, exact)
+    result["many_queries"] = timed("many_queries", many_queries, settings, engines[str(n)], setup)
     result["bm25_answers"] = timed("bm25_answers", bm25_answers, settings, engines[str(n)], setup, exact)
     result["peers"] = {}
     if "kronfluence" in peers:

@@ -36,6 +36,9 @@ def test_query_latency_quick(run_quick):
     no_rerank = result["no_rerank"]
     assert no_rerank["max_error_over_max_abs_score"] is None and no_rerank["reranked"]["max"] == 0  # estimates, nothing re-ranked
     assert 0 <= no_rerank["recall_at_k"]["+"] <= 1
+    many = result["many_queries"]
+    assert set(many) == {"1", "6", "32"}
+    assert all(r["seconds_per_query_in_one_call"] > 0 and r["seconds_per_query_one_call_each"] > 0 for r in many.values()), many
     assert result["index"]["bytes_per_doc"] == pytest.approx(2 * result["index"]["args"]["sketch_dim"], rel=0.10)
     if peers:
         kron = result["peers"]["kronfluence"]
