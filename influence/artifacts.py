@@ -360,22 +360,34 @@ def check_existing(out: Path, kind: str, inputs: Mapping[str, Optional[Path]]) -
     return out
 
 
+def _input_holding(out: Path, inputs: Mapping[str, Optional[Path]]) -> tuple[Optional[str], Optional[Path]]:
+    """The first input (name, resolved path) that `out` is or lies inside, else (None, None)."""
+    for name, path in inputs.items():
+        if path is not None and _inside(out, Path(path).resolve()):
+            return name, Path(path).resolve()
+    return None, None
+
+
+def _artifact_holding(out: Path, allowed: Callable[[Path, str], bool]) -> tuple[Optional[Path], str]:
+    """The first artifact or model directory above `out` that `allowed(parent, kind)` does not permit, and how to name it."""
+    for parent in out.parents:
+        found = artifact_kind(parent)
+        if found is not None and not allowed(parent, found):
+            return parent, "a model directory" if found == "model" else f"the '{found}' artifact"
+    return None, ""
+
+
 def check_output_location(out: Path, kind: str, inputs: Mapping[str, Optional[Path]]) -> Path:
     """The rules of `check_output` about where the output is (not what it already holds); returns it resolved."""
     out = Path(out).resolve()
-    for name, path in inputs.items():
-        if path is None:
-            continue
-        path = Path(path).resolve()
-        if _inside(out, path):
-            raise InfluenceError(f"the output {out} is the {name} input {path}{' or inside it' if out != path else ''}; "
-                                 "writing there would overwrite it: choose another --out")
-    for parent in out.parents:
-        found = artifact_kind(parent)
-        if found is not None and not (parent == out.parent and _nested_allowed(kind, out, found)):
-            what = "a model directory" if found == "model" else f"the '{found}' artifact"
-            raise InfluenceError(f"the output {out} lies inside {what} {parent}; writing there would mix its files with "
-                                 "another artifact's: choose an --out outside it")
+    name, path = _input_holding(out, inputs)
+    if name is not None:
+        raise InfluenceError(f"the output {out} is the {name} input {path}{' or inside it' if out != path else ''}; "
+                             "writing there would overwrite it: choose another --out")
+    parent, where = _artifact_holding(out, lambda parent, found: parent == out.parent and _nested_allowed(kind, out, found))
+    if parent is not None:
+        raise InfluenceError(f"the output {out} lies inside {where} {parent}; writing there would mix its files with "
+                             "another artifact's: choose an --out outside it")
     if out.exists() and not out.is_dir():
         raise InfluenceError(f"the output {out} is an existing file; the {kind} stage writes a directory: choose another --out")
     return out
@@ -389,19 +401,14 @@ def check_output_file(out: Path, kind: str, suffix: str, inputs: Mapping[str, Op
     out = Path(out).resolve()
     if out.suffix != suffix:
         raise InfluenceError(f"--out must name a {suffix} file, got {out}; give a path ending in {suffix}")
-    for name, path in inputs.items():
-        if path is None:
-            continue
-        path = Path(path).resolve()
-        if _inside(out, path):
-            raise InfluenceError(f"--out {out} is {'the' if out == path else 'inside the'} {name} input {path}; "
-                                 "choose a path outside it")
-    for parent in out.parents:
-        found = artifact_kind(parent)
-        if found is not None:
-            where = "a model directory" if found == "model" else f"the '{found}' artifact"
-            raise InfluenceError(f"--out {out} lies inside {where} {parent}; writing there could overwrite its files: "
-                                 "choose a path outside it")
+    name, path = _input_holding(out, inputs)
+    if name is not None:
+        raise InfluenceError(f"--out {out} is {'the' if out == path else 'inside the'} {name} input {path}; "
+                             "choose a path outside it")
+    parent, where = _artifact_holding(out, lambda parent, found: False)
+    if parent is not None:
+        raise InfluenceError(f"--out {out} lies inside {where} {parent}; writing there could overwrite its files: "
+                             "choose a path outside it")
     if out.is_dir():
         raise InfluenceError(f"--out {out} is an existing directory; name a {suffix} file")
     if out.exists() and not same_kind(out):
