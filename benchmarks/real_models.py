@@ -62,6 +62,7 @@ class Settings:
     workers: int = 2                 # Ray workers; 0: this process
     kronfluence_docs: int = 200      # sequences both fits see for the Kronfluence fit-time ratio (0: skip)
     top_k: int = 10
+    batch_tokens: int = 2048         # tokens per forward pass in every stage (Gemma's 262k-word head: 2 GiB of logits per 2048)
 
 
 QUICK = Settings(docs=60, max_length=32, queries=3, workers=0, kronfluence_docs=24)
@@ -95,6 +96,13 @@ def peaks() -> dict:
     return {"driver_mb": common.peak_rss_mb(), "workers": common.process_peaks("StageWorker")}
 
 
+def release(executor) -> None:
+    """Free what the workers loaded for the previous stage before the next: a worker that keeps SmolLM2's fit-stage
+    bases beside the index stage's sketcher and batches grew past 13 GiB (24 GiB machine, two workers). Timed
+    stages therefore include their workers' start and model loading, as a fresh `influence index` would."""
+    executor.release()
+
+
 def run_model(name: str, model_dir: Path, settings: Settings, work: Path, executor) -> dict:
     """Every stage of one model, timed, with its quality figures."""
     shutil.rmtree(work, ignore_errors=True)
@@ -107,19 +115,21 @@ def run_model(name: str, model_dir: Path, settings: Settings, work: Path, execut
     result: dict = {"model": name, "model_dir": str(model_dir), "parameters": describe_model(model_dir).parameters,
                     "modules": len(describe_model(model_dir).modules), "documents": manifest["num_documents"],
                     "sequences": sequences.num_rows, "tokens": manifest["num_tokens"], "corpus_seconds": timer.seconds}
-    batch_tokens = FactorArgs().batch_tokens
+    batch_tokens = settings.batch_tokens
     result["bare"] = common.bare_forward_backward(model_dir, sequences, batch_tokens, executor, repeats=1)
     bare_rate = result["bare"]["tokens_per_s"]
 
+    release(executor)
     common.reset_peak_rss()
     with common.Timer() as timer:
-        factors = fit_factors(model_dir, corpus, work / "factors", FactorArgs(progress=False), executor)
+        factors = fit_factors(model_dir, corpus, work / "factors", FactorArgs(progress=False, batch_tokens=batch_tokens), executor)
     result["fit"] = {"seconds": timer.seconds, "tokens_per_s": result["tokens"] / timer.seconds,
                      "ratio_to_bare": result["tokens"] / timer.seconds / bare_rate, "peak_rss": peaks(),
                      "bytes_on_disk": sum(common.dir_bytes(factors).values())}
+    release(executor)
     common.reset_peak_rss()
     with common.Timer() as timer:
-        index = build_index(model_dir, factors, corpus, work / "index", IndexArgs(progress=False), executor)
+        index = build_index(model_dir, factors, corpus, work / "index", IndexArgs(progress=False, batch_tokens=batch_tokens), executor)
     index_bytes = sum(common.dir_bytes(index).values())
     result["index"] = {"seconds": timer.seconds, "tokens_per_s": result["tokens"] / timer.seconds,
                        "ratio_to_bare": result["tokens"] / timer.seconds / bare_rate, "peak_rss": peaks(),
@@ -127,8 +137,9 @@ def run_model(name: str, model_dir: Path, settings: Settings, work: Path, execut
 
     tokenizer = load_tokenizer(model_dir)
     queries = first_exchange_queries(load_documents_table(docs_path), settings.queries, tokenizer, describe_model(model_dir).context)
+    release(executor)
     with common.Timer() as timer:
-        exact = compute_scores(model_dir, factors, corpus, queries, ScoreArgs(progress=False), executor=executor)
+        exact = compute_scores(model_dir, factors, corpus, queries, ScoreArgs(progress=False, batch_tokens=batch_tokens), executor=executor)
     result["exact"] = {"seconds": timer.seconds, "queries": len(queries)}
     result["query"] = query_figures(index, queries, exact, settings, result["bare"])
     if settings.kronfluence_docs:
@@ -147,7 +158,7 @@ def query_figures(index: Path, queries: list[Query], exact, settings: Settings, 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        engine = QueryEngine(index, QueryArgs(top_k=settings.top_k))
+        engine = QueryEngine(index, QueryArgs(top_k=settings.top_k, batch_tokens=settings.batch_tokens))
         engine.query(queries[:1])  # warm-up: caches, allocator
         seconds, candidates, recall = [], [], {"+": [], "-": []}
         column = {int(s): i for i, s in enumerate(exact.seq_ids)}
@@ -229,11 +240,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--queries", type=int, default=Settings.queries)
     parser.add_argument("--workers", type=int, default=Settings.workers)
     parser.add_argument("--kronfluence-docs", type=int, default=Settings.kronfluence_docs)
+    parser.add_argument("--batch-tokens", type=int, default=Settings.batch_tokens)
     parser.add_argument("--quick", action="store_true", help="tiny stand-ins of both architectures, in this process")
     parser.add_argument("--work-dir", type=Path, default=common.WORK / "real_models")
     parser.add_argument("--out", type=Path, default=None)
     ns = parser.parse_args(argv)
-    settings = QUICK if ns.quick else Settings(docs=ns.docs, queries=ns.queries, workers=ns.workers, kronfluence_docs=ns.kronfluence_docs)
+    settings = QUICK if ns.quick else Settings(docs=ns.docs, queries=ns.queries, workers=ns.workers, kronfluence_docs=ns.kronfluence_docs,
+                                                        batch_tokens=ns.batch_tokens)
     facts = common.machine_facts(["kronfluence"])
     models = quick_models(ns.work_dir) if ns.quick else {name: ns.models / name for name in (ns.only or MODELS)}
     results = []
