@@ -23,7 +23,8 @@ from indexes.constants import NO_FACTORY
 from indexes.shards import sketch_shard_exists, sketch_shard_path, write_sketch_shard
 from indexes.store import check_factory, index_exists, merge_sketch_shards
 from influence.arguments import IndexArgs
-from influence.artifacts import check_existing, prepare_output, read_json, read_manifest, references, require_same, write_json, write_manifest
+from influence.artifacts import (check_existing, prepare_output, read_json, read_manifest, references, require_same, require_same_plan,
+                                 write_json, write_manifest)
 from influence.constants import ARGS_NAME, FACTORS_NAME, MANIFEST_NAME
 from influence.corpus import TokenRows, load_sequences, require_fits_context, require_same_tokenizer, shard_rows, token_rows
 from influence.errors import InfluenceError
@@ -95,13 +96,8 @@ def plan_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path 
     check_existing(out_dir, "index", {"model": model_dir, "factors": factors_dir, "corpus": corpus_dir})  # before trusting it
     saved_path = out_dir / ARGS_NAME
     if saved_path.is_file() and (any(out_dir.glob("sketch_shard_*")) or (out_dir / MANIFEST_NAME).exists()):
-        saved = read_json(saved_path)
-        if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
-            raise InfluenceError(f"{saved_path} was edited by hand or written by another version; use a new --out")
-        for key in ("model_fingerprint", "corpus_fingerprint", "factors_fingerprint"):
-            require_same(key.replace("_fingerprint", ""), plan_identity[key], saved.get(key), out_dir,
-                         "use a new --out directory for another model, corpus or factors (or delete the old one)")
-        args.require_matches(saved["args"], str(out_dir))
+        require_same_plan(read_json(saved_path), saved_path, plan_identity,
+                          ("model_fingerprint", "corpus_fingerprint", "factors_fingerprint"), out_dir, "model, corpus or factors", args)
     spec = ModelSpec(str(model_dir), args.dtype, args.device, factors["args"]["module_pattern"], identity.quick)
     num_shards = -(-sequences.num_rows // args.shard_size)
     return IndexPlan(model_dir, factors_dir, corpus_dir, out_dir, args, info, spec, sequences, plan_identity, num_shards, factory)

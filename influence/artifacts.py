@@ -23,7 +23,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -225,6 +225,18 @@ def require_same(what: str, expected: Any, found: Any, where: Path, fix: str) ->
     """Refuse to mix artifacts: `expected` comes from the caller's inputs, `found` from an artifact on disk."""
     if expected != found:
         raise InfluenceError(f"{what} mismatch: {where} was built from {found!r} but the inputs give {expected!r}; {fix}")
+
+
+def require_same_plan(saved: Any, saved_path: Path, plan_identity: dict, keys: Sequence[str], out_dir: Path, others: str,
+                      args) -> None:
+    """Refuse to resume `out_dir` whose saved settings (read from `saved_path`) came from other inputs (`keys` of
+    `plan_identity`, e.g. model and corpus fingerprints) or other stage arguments."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
+        raise InfluenceError(f"{saved_path} was edited by hand or written by another version; use a new --out")
+    for key in keys:
+        require_same(key.replace("_fingerprint", ""), plan_identity[key], saved.get(key), out_dir,
+                     f"use a new --out directory for another {others} (or delete the old one)")
+    args.require_matches(saved["args"], str(out_dir))
 
 
 # --- references between artifacts ------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from influence.artifacts import (
     read_manifest,
     references,
     require_same,
+    require_same_plan,
     save_tensors,
     write_json,
     write_manifest,
@@ -152,12 +153,8 @@ def plan_fit(model_dir: Path | str, corpus_dir: Path | str, out_dir: Path | str,
                      "tokenizer_fingerprint": corpus_manifest["tokenizer_fingerprint"], "modules": info.module_names,
                      "args": args.artifact_dict()}
     if saved is not None and _has_finished_work(out_dir):
-        if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
-            raise InfluenceError(f"{out_dir / C.ARGS_NAME} was edited by hand or written by another version; use a new --out")
-        for key in ("model_fingerprint", "corpus_fingerprint", "modules"):
-            require_same(key.replace("_fingerprint", ""), plan_identity[key], saved.get(key), out_dir,
-                         "use a new --out directory for another model, corpus or module pattern (or delete the old one)")
-        args.require_matches(saved["args"], str(out_dir))
+        require_same_plan(saved, out_dir / C.ARGS_NAME, plan_identity, ("model_fingerprint", "corpus_fingerprint", "modules"),
+                          out_dir, "model, corpus or module pattern", args)
         if num_shards is not None and num_shards != saved.get("num_shards"):
             LOG.warning("resuming %s with its saved %s shards (not %d)", out_dir, saved.get("num_shards"), num_shards)
         num_shards = int(saved["num_shards"])
