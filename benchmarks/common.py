@@ -445,7 +445,7 @@ def sketch_scores(engine, queries: Sequence[Query]) -> tuple[np.ndarray, np.ndar
     """What the index ranks by: <sketch(q), sketch(z)> for every stored row, and ||W(q)|| (the exact whitened norms).
 
     The query sketches are the engine's own (its model, tokenizer and sketcher); the inner products with every row
-    of its float16 store come from `search_both_signs` asked for all rows. Returns (queries, sequences) scores in
+    of its 4-bit store come from `search_both_signs` asked for all rows. Returns (queries, sequences) scores in
     seq_id order (rows the index does not hold stay NaN) and (queries,) norms.
     """
     from indexes.search import search_both_signs

@@ -65,9 +65,8 @@ QUICK = Settings(num_rows=100_000, nlist=128, train_rows=10_000, block_rows=25_0
 
 
 def real_rows(index_dir: Path, fold_dim: int) -> np.ndarray:
-    """The real index's sketches (float32, as stored times their scales) folded to `fold_dim`."""
-    store = load_sketch_store(index_dir)
-    return fold(np.asarray(store.rows, dtype=np.float32) * store.scales[:, None], fold_dim)
+    """The real index's sketches (float32, as the store decodes them) folded to `fold_dim`."""
+    return fold(load_sketch_store(index_dir).decode(slice(None)), fold_dim)
 
 
 class Generator:
@@ -160,7 +159,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     facts = common.machine_facts()
     setup = query_latency.prepare(query_latency.QUICK if ns.quick else query_latency.DEFAULT, ns.work_dir)
     store = load_sketch_store(setup.index_dir)
-    full_rows = np.asarray(store.rows, dtype=np.float32) * store.scales[:, None]
+    full_rows = store.decode(slice(None))
     rows = fold(full_rows, settings.fold_dim)
     full_queries, queries = query_sketches(setup, settings.fold_dim)
     generator = Generator(rows, settings.seed)

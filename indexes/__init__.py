@@ -1,4 +1,4 @@
-"""The store of gradient sketches: write shards, merge them into a float16 store (and optionally a FAISS index), load,
+"""The store of gradient sketches: write shards, merge them into a 4-bit store (and optionally a FAISS index), load,
 search, check.
 
 Free functions over float32 (n, d) arrays, in the manner of faiss `contrib/`: index workers write

@@ -5,7 +5,8 @@
 so both signs are found), from BM25 over the sequences' text (the paper's TF-IDF baseline), or from a full scan.
 Candidates are then scored exactly, index candidates best-first, stopping a sign once the sketch noise rules out
 the rest (`QueryArgs.adaptive`), since the forward and backward pass of each candidate is most of a query's time.
-Per-token scores, which cost as much again, are computed only for the documents returned.
+Per-token scores come with the re-rank for a single query (they cost what its totals do); for several queries at
+once, which share one gradient per candidate, they are computed only for the documents returned.
 """
 
 from __future__ import annotations
@@ -140,8 +141,11 @@ class QueryEngine:
         token_scores = {}
         if args.per_token:
             returned = np.unique(np.concatenate(chosen)).astype(np.int64)
-            _, _, per_token = self._score(prepared, union[returned], True, args.batch_tokens)
-            token_scores = dict(zip(returned.tolist(), per_token))
+            if scored.tokens is not None:  # kept from the re-rank
+                token_scores = {int(col): scored.tokens[int(col)] for col in returned}
+            else:
+                _, _, per_token = self._score(prepared, union[returned], True, args.batch_tokens)
+                token_scores = dict(zip(returned.tolist(), per_token))
         seconds["tokens"] = time.perf_counter() - tick
         seconds["total"] = sum(seconds.values())
 
@@ -163,7 +167,7 @@ class QueryEngine:
         """The sketch estimates of some sequences' scores, read from the store (for every document returned, whichever
         generator or query's pool brought it in)."""
         rows = self.index_ids[seq_ids]
-        return (self.store.rows[rows].astype(np.float32) @ sketch) * self.store.scales[rows]
+        return self.store.decode(rows) @ sketch
 
     def _sketch_result(self, query: Query, pools, tokenized, args: QueryArgs, seconds: dict) -> QueryResult:
         """The top sketch scores of each sign as they come from the index: estimates, no exact scores or breakdowns."""
@@ -190,13 +194,17 @@ class QueryEngine:
             (top_scores, top_ids), (low_scores, low_ids) = tiered_both_signs(self.first_tier, self.store, sketches, depth,
                                                                              args.first_tier_depth, nprobe=args.nprobe)
         adaptive = args.rerank and args.adaptive
+        sketch_norms = np.linalg.norm(sketches, axis=1)
         pools = []
         for qi in range(len(queries)):
             pair = []
             for ids, scores in ((top_ids[qi], top_scores[qi]), (low_ids[qi], low_scores[qi])):
                 found = ids >= 0
                 ids, scores = ids[found], scores[found].astype(np.float64)
-                noise = self.sketcher.noise_scale(query_norms[qi], self.document_norms[ids]) if adaptive else None
+                noise = None
+                if adaptive:  # the count sketch's noise and the store's 4-bit rounding, independent
+                    noise = np.hypot(self.sketcher.noise_scale(query_norms[qi], self.document_norms[ids]),
+                                     self.store.rounding_noise(sketch_norms[qi], ids))
                 pair.append(CandidatePool(self.seq_ids[ids], scores, noise))
             pools.append(tuple(pair))
         return pools
@@ -210,7 +218,11 @@ class QueryEngine:
         below its k-th best exact score so far; every exactly scored sequence counts, whichever pool
         brought it in.
         """
-        scored = ExactScores(len(pools), len(self.module_names))
+        # One query: its per-token scores cost what its totals do (one GEMM per sequence and module either way), so the
+        # re-rank keeps them and the returned documents need no second forward and backward pass. Several queries
+        # share one gradient per sequence for their totals, and per-token scores would cost a GEMM per query.
+        per_token = args.per_token and len(pools) == 1
+        scored = ExactScores(len(pools), len(self.module_names), per_token)
         cursors = {(qi, sign): 0 for qi in range(len(pools)) for sign in (0, 1)}
         step = max(args.top_k, 8)
         while cursors:
@@ -222,8 +234,8 @@ class QueryEngine:
                 cursors[(qi, sign)] = min(end, len(pool.seq_ids))
             new = [s for s in dict.fromkeys(int(s) for s in np.concatenate(wanted)) if s not in scored.column]
             if new:
-                scores, per_module, _ = self._score(prepared, np.asarray(new, np.int64), False, args.batch_tokens)
-                scored.add(np.asarray(new, np.int64), scores, per_module)
+                scores, per_module, tokens = self._score(prepared, np.asarray(new, np.int64), per_token, args.batch_tokens)
+                scored.add(np.asarray(new, np.int64), scores, per_module, tokens)
             step *= 2  # few rounds: each costs a partly filled batch per (query, sign)
             for (qi, sign), cursor in list(cursors.items()):
                 pool = pools[qi][sign]
@@ -293,19 +305,22 @@ class CandidatePool:
 class ExactScores:
     """Exact scores of the sequences re-ranked so far, one column per sequence in the order scored."""
 
-    def __init__(self, num_queries: int, num_modules: int):
+    def __init__(self, num_queries: int, num_modules: int, per_token: bool = False):
         self.order: list[int] = []
         self.column: dict[int, int] = {}
         self._scores: list[np.ndarray] = []
         self._per_module: list[np.ndarray] = []
+        self.tokens: Optional[list[np.ndarray]] = [] if per_token else None  # by column: (queries, tokens)
         self.num_queries, self.num_modules = num_queries, num_modules
 
-    def add(self, seq_ids: np.ndarray, scores: np.ndarray, per_module: np.ndarray) -> None:
+    def add(self, seq_ids: np.ndarray, scores: np.ndarray, per_module: np.ndarray, tokens: Optional[list] = None) -> None:
         for s in seq_ids:
             self.column[int(s)] = len(self.order)
             self.order.append(int(s))
         self._scores.append(scores)
         self._per_module.append(per_module)
+        if self.tokens is not None:
+            self.tokens.extend(tokens)
 
     @property
     def scores(self) -> np.ndarray:  # (queries, scored)

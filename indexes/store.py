@@ -1,7 +1,7 @@
-"""The merged sketch store: shards in; a float16 sketch store, its doc table and optionally a FAISS index out.
+"""The merged sketch store: shards in; a 4-bit sketch store, its doc table and optionally a FAISS index out.
 
-`merge_sketch_shards` streams the shards' memory-mapped sketches block by block into `sketches.npy` (float16,
-scaled per row) and, given a factory string, a FAISS index (ids 0..N-1 in shard order), and writes
+`merge_sketch_shards` streams the shards' memory-mapped sketches block by block into `sketches.npy` (4-bit codes
+with a step per row, `search.encode_sketches`) and, given a factory string, a FAISS index (ids 0..N-1 in shard order), and writes
 `docs.parquet`, the shards' rows with an `index_id` column aligned to those ids. The build is deterministic: identical shards and
 seed give byte-identical files, whatever the number of shards they were split into.
 """
@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from indexes.constants import DOCS_NAME, FACTORY_EXAMPLES, INDEX_ID, INDEX_META_NAME, INDEX_NAME, NO_FACTORY, SCALE, SEQ_ID, STORE_NAME
-from indexes.search import SketchStore, fold
+from indexes.constants import (DOCS_NAME, FACTORY_EXAMPLES, INDEX_ID, INDEX_META_NAME, INDEX_NAME, NO_FACTORY, SCALE, SEQ_ID,
+                               STORE_DTYPE, STORE_NAME)
+from indexes.search import SketchStore, encode_sketches, fold
 from indexes.tiers import add_blocks
 from indexes.shards import (
     check_sketches,
@@ -59,9 +60,10 @@ def merge_sketch_shards(
 ) -> Path:
     """Build the sketch store (`sketches.npy`), `docs.parquet` and, with a factory, `index.faiss` from all shards.
 
-    The store holds every sketch as float16, divided by its scale ||x|| / sqrt(d) (kept in the doc table's
-    `sketch_scale`), so entries are of order one whatever the model's gradients are: float16 neither overflows nor
-    loses the small ones, and rounding costs a relative 5e-4 of a score, far below the sketch's own noise.
+    The store holds every sketch as 4-bit codes, two per byte, with a step per row (kept in the doc table's
+    `sketch_scale`): entries are rounded to multiples of max |x| / 7, whatever the model's gradients are. The
+    rounding moves a score by a few percent of the count sketch's own noise, and a byte per two numbers gives the
+    sketch four times the dimension float16 would at the same size.
 
     Args:
         index_dir: The directory holding the sketch shards; the outputs are written beside them.
@@ -139,7 +141,7 @@ def merge_sketch_shards(
         "ntotal": total,
         "num_shards": num_shards,
         "shard_rows": sizes,
-        "store_dtype": "float16",
+        "store_dtype": STORE_DTYPE,
         "train_size": train_size,
         "num_train": num_train,
         "seed": seed,
@@ -152,10 +154,10 @@ def merge_sketch_shards(
 
 
 def _write_store(index_dir: Path, num_shards: int, total: int, dim: int, block_size: int, progress: bool) -> np.ndarray:
-    """Every shard's sketches, scaled to unit RMS per row, into one float16 (total, dim) file; returns the scales."""
-    scales = np.empty(total, dtype=np.float32)
+    """Every shard's sketches as 4-bit codes into one uint8 (total, ceil(dim / 2)) file; returns the rows' steps."""
+    steps = np.empty(total, dtype=np.float32)
     with atomic_path(index_dir / STORE_NAME) as tmp:
-        store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, dim))
+        store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(total, (dim + 1) // 2))
         offset = 0
         with tqdm(total=total, unit="rows", desc="merge sketches", disable=not progress) as bar:
             for shard in range(num_shards):
@@ -163,32 +165,35 @@ def _write_store(index_dir: Path, num_shards: int, total: int, dim: int, block_s
                 for start in range(0, sketches.shape[0], block_size):
                     block = np.asarray(sketches[start : start + block_size], dtype=np.float32)  # (<= block_size, d)
                     check_sketches(block, where=str(sketch_shard_path(index_dir, shard, num_shards)))
-                    scale = np.sqrt(np.mean(np.square(block, dtype=np.float64), axis=1)).astype(np.float32)
-                    scale[scale == 0] = 1.0
-                    store[offset : offset + len(block)] = block / scale[:, None]
-                    scales[offset : offset + len(block)] = scale
+                    codes, block_steps = encode_sketches(block)
+                    store[offset : offset + len(block)] = codes
+                    steps[offset : offset + len(block)] = block_steps
                     offset += len(block)
                     bar.update(len(block))
         store.flush()
         del store
-    return scales
+    return steps
 
 
 def load_sketch_store(index_dir: Path) -> SketchStore:
-    """The float16 sketch store, memory-mapped (read-only), with each row's scale: an exact-scan search tier."""
+    """The 4-bit sketch store, memory-mapped (read-only), with each row's step: an exact-scan search tier."""
     index_dir = Path(index_dir)
     meta = _read_meta(index_dir)
+    if meta.get("store_dtype") != STORE_DTYPE:
+        raise InfluenceError(f"{index_dir} holds a {meta.get('store_dtype')} sketch store written by an earlier version; this "
+                             f"version reads {STORE_DTYPE} stores: rebuild the index (influence index)")
     try:
         rows = np.load(index_dir / STORE_NAME, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise InfluenceError(f"{index_dir / STORE_NAME} is not a readable sketch store ({exc}); rebuild the index") from exc
-    if rows.dtype != np.float16 or rows.shape != (meta["ntotal"], meta["dim"]):
-        raise InfluenceError(f"{index_dir / STORE_NAME} holds {rows.dtype} {rows.shape}, not float16 ({meta['ntotal']}, "
-                             f"{meta['dim']}); rebuild the index")
+    expected = (meta["ntotal"], (meta["dim"] + 1) // 2)
+    if rows.dtype != np.uint8 or rows.shape != expected:
+        raise InfluenceError(f"{index_dir / STORE_NAME} holds {rows.dtype} {rows.shape}, not the uint8 {expected} of {meta['dim']}-number "
+                             "4-bit sketches; rebuild the index")
     docs = load_doc_table(index_dir)
     if SCALE not in docs.column_names:
         raise InfluenceError(f"{index_dir / DOCS_NAME} has no {SCALE} column: it was written by another version; rebuild the index")
-    return SketchStore(rows, docs[SCALE].to_numpy())
+    return SketchStore(rows, docs[SCALE].to_numpy(), int(meta["dim"]))
 
 
 def load_index(index_dir: Path, mmap: bool = True) -> faiss.Index:

@@ -195,11 +195,11 @@ class IndexArgs(StageArgs):
 
     sketch_dim: int = _help("numbers per document, shared by every tracked module however deep the model is: the "
                             "EK-FAC-whitened gradients of all modules are hashed (count sketch) into one vector of this size, "
-                            "stored as float16 (2 bytes each)", 2048)
+                            "stored as 4-bit codes (half a byte each)", 8192)
     sketch: str = _help("sketch method: 'hashed' (count sketch of the whitened gradient, seeded per module)", "hashed")
     seed: int = _help("seed of the hash functions (derived per module)", 0)
     factory: str = _help("the compact first tier: a FAISS index_factory string over the sketches folded to fold_dim numbers "
-                         "(e.g. IVF1024,PQ32: 32 bytes per document in memory), 'none' to scan the float16 sketch store "
+                         "(e.g. IVF1024,PQ32: 32 bytes per document in memory), 'none' to scan the 4-bit sketch store "
                          "exactly, or 'auto': none below 100,000 sequences, IVF<sqrt n>,PQ<fold_dim/8> above", "auto")
     fold_dim: int = _help("numbers per document the first tier indexes (the sketch folded: still an unbiased sketch)", 256)
     train_size: int = _help("rows sampled to train IVF/PQ indexes", 50_000)

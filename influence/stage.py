@@ -20,9 +20,12 @@ the driver, so a cluster needs no shared disk for outputs. `run_stage` is the on
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import logging
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Iterator, Optional, Protocol, Sequence
 
@@ -51,6 +54,7 @@ class Pass:
     payload: Callable[[Any], Any] = _identity
     shared: Any = None
     shared_key: Hashable = None      # names `shared` in each worker's workspace: equal keys, equal contents
+    stage: Hashable = None           # set by `run_stage`: which run of a stage the pass belongs to (`Workspace.task`)
     sizes: Optional[Sequence[int]] = None  # sequences per task, for the progress bar
     unit: str = "seq"
 
@@ -63,11 +67,16 @@ class Workspace:
     """What one worker process has loaded, by key: a model, factors, a sketcher, prepared queries.
 
     Keys are `(kind, identity)` tuples. Loading a new identity of a kind evicts the older ones of that kind, so
-    a long-lived worker that moves from one model (or one set of factors) to the next holds one of each.
+    a long-lived worker that moves from one model (or one set of factors) to the next holds one of each. When a
+    worker moves on to another stage (`task`), it keeps only the model: what a stage derived from it (a fit's
+    basis, an index's sketcher, a scoring run's prepared queries) would otherwise sit beside the next stage's.
     """
+
+    KEPT_ACROSS_STAGES = ("model",)
 
     def __init__(self) -> None:
         self._items: dict[Hashable, Any] = {}
+        self._stage: Hashable = None
 
     def get(self, key: tuple, load: Callable[[], Any]) -> Any:
         if key not in self._items:
@@ -78,14 +87,32 @@ class Workspace:
             LOG.debug("workspace loaded %s in %.2fs", key[0], time.perf_counter() - start)
         return self._items[key]
 
+    @contextmanager
+    def task(self, stage: Hashable) -> Iterator[None]:
+        """Run one task of `stage` (from `run_stage`); the first one of a stage drops what earlier stages derived."""
+        if stage != self._stage:
+            self._stage = stage
+            stale = [key for key in self._items if key[0] not in self.KEPT_ACROSS_STAGES]
+            for key in stale:
+                del self._items[key]
+            if stale:
+                LOG.debug("workspace dropped %s before stage %s", [key[0] for key in stale], stage)
+                _return_heap()
+        yield
+
     def clear(self) -> None:
-        """Drop everything loaded and hand the freed heap back to the system (glibc keeps it otherwise)."""
+        """Drop everything loaded and hand the freed heap back to the system."""
         self._items.clear()
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
+        _return_heap()
+
+
+def _return_heap() -> None:
+    """Collect, then hand freed heap back to the system (glibc keeps it otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class Executor(Protocol):
@@ -96,7 +123,8 @@ class Executor(Protocol):
     def map(self, step: Pass) -> Iterator[tuple[Any, Any]]: ...
 
     def release(self) -> None:
-        """Free what the workers loaded (models, factors, sketchers) before other work needs the memory."""
+        """Free everything the workers loaded (models included) before other work, e.g. queries in this process,
+        needs the memory; between stages a worker already drops all but its model (`Workspace.task`)."""
 
 
 class LocalExecutor:
@@ -109,7 +137,9 @@ class LocalExecutor:
 
     def map(self, step: Pass) -> Iterator[tuple[Any, Any]]:
         for task in step.tasks:
-            yield task, step.work(self.workspace, step.shared, step.payload(task))
+            with self.workspace.task(step.stage):
+                result = step.work(self.workspace, step.shared, step.payload(task))
+            yield task, result
 
     def release(self) -> None:
         self.workspace.clear()
@@ -132,7 +162,9 @@ def run_stage(name: str, passes: Iterable[Pass], executor: Optional[Executor] = 
     """
     executor = executor or LocalExecutor()
     report = StageReport(name)
+    stage = (name, uuid.uuid4().hex)  # every run its own: a worker sweeps what the previous run left (`Workspace.task`)
     for step in passes:
+        step = dataclasses.replace(step, stage=stage)
         start = time.perf_counter()
         if step.tasks:
             total = sum(step.sizes) if step.sizes is not None else len(step.tasks)

@@ -147,13 +147,14 @@ class StageWorker:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         self.workspace = Workspace()
 
-    def run(self, work, shared_key, shared_box, payload):
+    def run(self, work, stage, shared_key, shared_box, payload):
         import ray
 
-        shared = None
-        if shared_box is not None:  # boxed in a list so that Ray does not fetch it for every task
-            shared = self.workspace.get(("shared", shared_key), lambda: ray.get(shared_box[0]))
-        return work(self.workspace, shared, payload)
+        with self.workspace.task(stage):
+            shared = None
+            if shared_box is not None:  # boxed in a list so that Ray does not fetch it for every task
+                shared = self.workspace.get(("shared", shared_key), lambda: ray.get(shared_box[0]))
+            return work(self.workspace, shared, payload)
 
     def host(self) -> str:
         return socket.gethostname()
@@ -240,7 +241,7 @@ class RayExecutor:
         def submit(actor) -> None:
             task = next(tasks, _DONE)
             if task is not _DONE:
-                ref = actor.run.remote(step.work, step.shared_key, shared_box, step.payload(task))
+                ref = actor.run.remote(step.work, step.stage, step.shared_key, shared_box, step.payload(task))
                 in_flight[ref] = (actor, task)
 
         for _ in range(2):  # two tasks per worker in flight (one running, the next one's payload there), dealt round-robin

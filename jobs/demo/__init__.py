@@ -74,7 +74,7 @@ class DemoPreset:
     context: int
     batch_size: int
     models: tuple[ModelSpec, ...] = field(default_factory=tuple)
-    sketch_dim: int = 2048
+    sketch_dim: int = 8192
 
 
 PRESETS = {

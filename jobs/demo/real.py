@@ -60,7 +60,7 @@ class RealPreset:
     groups_per_source: int
     sources: tuple[str, ...] = ("bible", "chatterbot", "shutdown")
     max_length: int = 1024          # long enough that no document is cut (SmolLM2 spells a Korean passage in up to ~600 tokens)
-    sketch_dim: int = 2048
+    sketch_dim: int = 8192
     tiny_preset: Optional[str] = "full"     # the preset whose trained sizes are compared as a separate series
     stand_ins: tuple[StandInSpec, ...] = ()  # empty: the two real models of jobs.models.REAL_MODELS
     context: int = 512              # the stand-ins' context (their small vocabularies spend ~300 tokens on a query)

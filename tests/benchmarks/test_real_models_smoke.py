@@ -18,8 +18,8 @@ def test_real_models_quick(run_quick):
         for stage in ("fit", "index"):
             ratio = r[stage]["ratio_to_bare"]
             assert math.isfinite(ratio) and 0 < ratio < 20, (r["model"], stage, ratio)
-        # the index: a float16 sketch per document and its doc-table row, nothing kept beside them
-        assert r["index"]["bytes_per_document"] == pytest.approx(2 * IndexArgs().sketch_dim + 64, abs=64), r["index"]
+        # the index: a 4-bit sketch per document and its doc-table row, nothing kept beside them
+        assert r["index"]["bytes_per_document"] == pytest.approx(IndexArgs().sketch_dim / 2 + 64, abs=64), r["index"]
         query = r["query"]
         # the quick corpus is small enough for the adaptive re-rank to see every candidate it needs: the exact top-10
         assert query["recall_at_10"] == {"+": 1.0, "-": 1.0}, query

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from indexes.search import SketchStore, search_both_signs, search_index
+from indexes.search import SketchStore, encode_sketches, search_both_signs, search_index
 from influence.factors import load_factors
 from influence.gradients import capture_module_io, make_token_batch
 from influence.models import ModelSpec, load_model_context, load_tokenizer
@@ -116,15 +116,19 @@ def test_search_both_signs_equals_searching_q_and_minus_q(factory):
 def test_store_scan_equals_brute_force_over_the_stored_rows(monkeypatch):
     import indexes.search as search
 
-    monkeypatch.setattr(search, "_SCAN_BLOCK", 97)  # many blocks, one partial: the running top-k across blocks
+    monkeypatch.setattr(search, "_SCAN_BLOCK", 97)  # many blocks, one partial
+    monkeypatch.setattr(search, "_SCAN_CHUNK", 300)  # and several chunks: the running top-k across chunks
     rng = np.random.default_rng(1)
-    rows = rng.standard_normal((1000, 24)).astype(np.float16)
-    scales = rng.uniform(0.1, 10, 1000).astype(np.float32)
-    queries = rng.standard_normal((4, 24)).astype(np.float32)
-    (high, high_ids), (low, low_ids) = search_both_signs(SketchStore(rows, scales), queries, 15)
-    scores = queries.astype(np.float64) @ (rows.astype(np.float64) * scales[:, None]).T  # (q, n)
-    tolerance = 1e-3 * np.abs(scores).max()  # the float16 GEMM's rounding
+    sketches = rng.standard_normal((1000, 25)) * rng.uniform(0.1, 10, (1000, 1))  # an odd dimension: one padded nibble
+    store = SketchStore(*encode_sketches(sketches), 25)
+    queries = rng.standard_normal((4, 25)).astype(np.float32)
+    (high, high_ids), (low, low_ids) = search_both_signs(store, queries, 15)
+    stored = store.decode(slice(None)).astype(np.float64)
+    scores = queries.astype(np.float64) @ stored.T  # (q, n)
+    # the bfloat16 queries: each entry within 2^-8 of itself, relatively
+    bound = 2.0 ** -8 * np.abs(queries.astype(np.float64)) @ np.abs(stored).T
     for found, got, sign in ((high_ids, high, 1.0), (low_ids, low, -1.0)):
+        tolerance = np.take_along_axis(bound, found, 1).max() * 1.01 + 1e-6
         np.testing.assert_allclose(got, np.take_along_axis(scores, found, 1), atol=tolerance)
         kth = np.sort(sign * scores, axis=1)[:, -15]  # the 15th best score of each query, exactly
         assert (sign * np.take_along_axis(scores, found, 1) >= kth[:, None] - tolerance).all()  # nothing worse came back

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import faiss
@@ -121,9 +122,10 @@ def test_flat_search_equals_exact_topk_and_ids_map_to_rows(tmp_path, corpus):
     docs = load_doc_table(index_dir)
     np.testing.assert_array_equal(docs.column("index_id").to_numpy(), np.arange(NUM_ROWS))
     assert docs.drop_columns(["index_id", "sketch_scale"]).equals(rows)
-    # the float16 store times the scales gives the sketches back, to float16 precision
+    # the 4-bit store gives each sketch back to within half its row's step, the step being max |x| / 7
     store = load_sketch_store(index_dir)
-    np.testing.assert_allclose(store.rows.astype(np.float32) * store.scales[:, None], sketches, rtol=2e-3, atol=2e-3 * store.scales.max())
+    np.testing.assert_allclose(store.steps, np.abs(sketches).max(1) / 7, rtol=1e-6)
+    assert (np.abs(store.decode(slice(None)) - sketches) <= store.steps[:, None] * (0.5 + 1e-5)).all()
 
 
 def test_iterate_shard_sketches_returns_stored_rows(tmp_path, corpus):
@@ -331,3 +333,11 @@ def test_using_an_unfinished_index_is_refused(tmp_path, corpus):
         search_index(index, queries[:, :16], K)
     with pytest.raises(InfluenceError, match="k must be at least 1"):
         search_index(index, queries, 0)
+
+
+def test_a_store_of_an_earlier_format_is_refused(tmp_path, corpus):
+    index_dir = build(tmp_path, corpus, "none")
+    meta = json.loads((index_dir / "index.json").read_text())
+    (index_dir / "index.json").write_text(json.dumps({**meta, "store_dtype": "float16"}))
+    with pytest.raises(InfluenceError, match=r"float16 sketch store written by an earlier version.*rebuild the index"):
+        load_sketch_store(index_dir)

@@ -8,7 +8,7 @@ import torch
 
 from indexes.build import build_index, first_tier_factory
 from indexes.engine import QueryEngine
-from indexes.search import SketchStore, fold, tiered_both_signs
+from indexes.search import SketchStore, encode_sketches, fold, tiered_both_signs
 from influence.arguments import IndexArgs, QueryArgs, ScoreArgs
 from influence.factors import load_factors
 from influence.queries import Query
@@ -31,12 +31,12 @@ def test_a_folded_sketch_is_the_sketch_of_the_smaller_size(ekfac_dir):
 
 def test_tiered_search_at_full_depth_equals_the_scan():
     rng = np.random.default_rng(0)
-    store = SketchStore(rng.standard_normal((600, 96)).astype(np.float16), rng.uniform(0.5, 2, 600).astype(np.float32))
+    store = SketchStore(*encode_sketches(rng.standard_normal((600, 96)) * rng.uniform(0.5, 2, (600, 1))), 96)
     queries = rng.standard_normal((3, 96)).astype(np.float32)
     first = faiss.index_factory(32, "Flat", faiss.METRIC_INNER_PRODUCT)
-    first.add(fold(store.rows.astype(np.float32) * store.scales[:, None], 32))
+    first.add(fold(store.decode(slice(None)), 32))
     got = tiered_both_signs(first, store, queries, 10, depth=600)
-    exact = queries.astype(np.float64) @ (store.rows.astype(np.float64) * store.scales[:, None]).T  # (q, n)
+    exact = queries.astype(np.float64) @ store.decode(slice(None)).astype(np.float64).T  # (q, n)
     for (gs, gi), sign in zip(got, (1.0, -1.0)):
         want = np.argsort(-sign * exact, axis=1, kind="stable")[:, :10]
         np.testing.assert_array_equal(gi, want)

@@ -26,8 +26,8 @@ def test_fit_index_score_and_query_on_cuda_equal_the_cpu(llama_dir, corpus_dir, 
     index_cpu = build_index(llama_dir, cpu, corpus_dir, tmp_path / "index_cpu", IndexArgs(progress=False, sketch_dim=256))
     index_gpu = build_index(llama_dir, cpu, corpus_dir, tmp_path / "index_gpu", IndexArgs(progress=False, sketch_dim=256, device="cuda"))
     a, b = load_sketch_store(index_cpu), load_sketch_store(index_gpu)
-    np.testing.assert_allclose(b.rows.astype(np.float32) * b.scales[:, None], a.rows.astype(np.float32) * a.scales[:, None],
-                               rtol=rtol, atol=rtol * float(a.scales.max()))
+    # a 4-bit code can flip where the two devices' sketches straddle a rounding boundary: one step at most
+    np.testing.assert_allclose(b.decode(slice(None)), a.decode(slice(None)), rtol=rtol, atol=1.01 * float(a.steps.max()))
     here = compute_scores(llama_dir, cpu, corpus_dir, QUERIES, ScoreArgs(progress=False))
     there = compute_scores(llama_dir, cpu, corpus_dir, QUERIES, ScoreArgs(progress=False, device="cuda", dtype=dtype))
     np.testing.assert_allclose(there.scores, here.scores, rtol=rtol * 10, atol=rtol * np.abs(here.scores).max())
