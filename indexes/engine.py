@@ -220,8 +220,9 @@ class QueryEngine:
         """
         # One query: its per-token scores cost what its totals do (one GEMM per sequence and module either way), so the
         # re-rank keeps them and the returned documents need no second forward and backward pass. Several queries
-        # share one gradient per sequence for their totals, and per-token scores would cost a GEMM per query.
-        per_token = args.per_token and len(pools) == 1
+        # share one gradient per sequence for their totals, and per-token scores would cost a GEMM per query. A full
+        # scan (`exact`) would keep every sequence's per-token scores in memory: only the returned ones are kept.
+        per_token = args.per_token and len(pools) == 1 and args.generator != "exact"
         scored = ExactScores(len(pools), len(self.module_names), per_token)
         cursors = {(qi, sign): 0 for qi in range(len(pools)) for sign in (0, 1)}
         step = max(args.top_k, 8)

@@ -169,3 +169,14 @@ def test_query_command(index_dir, tmp_path, capsys, mode):
     results = json.loads((out / "results.json").read_text())
     assert len(results[0]["documents"]) == 6 and results[0]["exact"] == ("--no-rerank" not in mode)
     assert "most positive" in capsys.readouterr().out and (out / "report.html").exists()
+
+
+@pytest.mark.parametrize("together", [1, 2])
+def test_per_token_scores_equal_a_full_scans_alone_and_in_a_batch(engine, llama_dir, ekfac_dir, corpus_dir, together):
+    # one query: kept from the re-rank; two: scored again for the returned documents only. Both must equal the scan.
+    exact = compute_scores(llama_dir, ekfac_dir, corpus_dir, QUERIES[:together], ScoreArgs(progress=False, per_token=True))
+    column = {int(s): j for j, s in enumerate(exact.seq_ids)}
+    for qi, result in enumerate(engine.query(QUERIES[:together], QueryArgs(top_k=3))):
+        for d in result.documents:
+            want = exact.per_token[column[d.seq_id]][qi]
+            np.testing.assert_allclose(d.token_scores, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
