@@ -78,6 +78,8 @@ class Settings:
     warmup: int = 2
     top_k: int = 10
     latency_depths: tuple = (50, 100, 200)
+    tier_depths: tuple = (100, 200, 400)
+    tier_sketch_dims: tuple = (8192, 4096)  # the stores the refine tier stands on: 4 and 2 KiB per document
     recall_depths: tuple = (10, 50, 100, 200, 500)
     variant_queries: int = 8
     peer_docs: int = 2000
@@ -86,7 +88,7 @@ class Settings:
 
 
 DEFAULT = Settings()
-QUICK = Settings(num_sequences=600, seq_tokens=48, large_n=6000, num_queries=5, warmup=1, latency_depths=(50, 200),
+QUICK = Settings(num_sequences=600, seq_tokens=48, large_n=6000, num_queries=5, warmup=1, latency_depths=(50, 200), tier_depths=(50, 200),
                  recall_depths=(10, 50, 200), variant_queries=2, peer_docs=150,
                  model=common.TinyLlama(vocab_size=384, hidden=32, layers=2, heads=2, intermediate=64, context=64, train_steps=30))
 
@@ -384,6 +386,35 @@ def subset_peers(setup: Setup, settings: Settings, peers: list[str], exact_full:
     return out
 
 
+def tiers(setup: Setup, settings: Settings, exact: np.ndarray) -> dict:
+    """The tiers side by side on the real corpus, query by query in turn: the 4-bit sketch store alone (the default
+    index), and the refine tier (float16 whitened gradients on disk) standing on stores of `tier_sketch_dims` numbers;
+    by depth (candidates per sign from the store): latency, exact re-ranks, recall@10 against the exact scan, bytes."""
+    n = exact.shape[1]
+    indexes = {"store": setup.index_dir}
+    for dim in settings.tier_sketch_dims:
+        indexes[f"store {dim} + refine"] = build_index(setup.model_dir, setup.factors_dir, setup.corpus_dir, setup.cache / f"index-{dim}-refine",
+                                                       IndexArgs(progress=False, sketch_dim=dim, refine=True))
+    engines = {name: QueryEngine(path, QueryArgs(top_k=settings.top_k)) for name, path in indexes.items()}
+    out: dict = {}
+    for name, path in indexes.items():
+        files = common.dir_bytes(path)
+        out[name] = {"sketch_dim": engines[name].sketcher.dim, "bytes_per_doc": {
+            "store (read whole by every query)": files.get("sketches.npy", 0) / n,
+            "refine tier (read at the candidates)": files.get("refine.npy", 0) / n, "all files": sum(files.values()) / n},
+            "by_depth": {}}
+    for depth in settings.tier_depths:
+        args = QueryArgs(top_k=settings.top_k, candidates=depth)
+        summaries, results = time_queries({name: (engine, args) for name, engine in engines.items()}, setup.queries, setup.warmup)
+        for name in engines:
+            out[name]["by_depth"][str(depth)] = {**summaries[name], **rerank_exactness(results[name], exact, settings.top_k)}
+    for name, engine in engines.items():  # the refine tier's own order, no exact re-rank
+        summaries, results = time_queries({name: (engine, QueryArgs(top_k=settings.top_k, candidates=max(settings.tier_depths), rerank=False))},
+                                          setup.queries, setup.warmup)
+        out[name]["no_rerank"] = {**summaries[name], **rerank_exactness(results[name], exact, settings.top_k)}
+    return out
+
+
 def markdown(result: dict) -> str:
     lines = ["| rows | candidates/sign | p50 s | p95 s | search p50 | rerank p50 | re-ranked p50 |", "|---|---|---|---|---|---|---|"]
     for size, by_depth in result["latency"].items():
@@ -399,6 +430,14 @@ def markdown(result: dict) -> str:
         for d, r in result["rerank_exactness"].items()))
     nr = result["no_rerank"]
     lines.append(f"--no-rerank: p50 {nr['wall']['p50']:.3f}s, recall@10 {nr['recall_at_k']['+']:.2f}/{nr['recall_at_k']['-']:.2f}")
+    lines += ["", "| tiers | store B/doc | refine B/doc | candidates/sign | p50 s | p95 s | re-ranked p50 | recall@10 +/- |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, tier in result["tiers"].items():
+        size = tier["bytes_per_doc"]
+        for depth, r in [*tier["by_depth"].items(), ("no re-rank", tier["no_rerank"])]:
+            lines.append(f"| {name} | {size['store (read whole by every query)']:,.0f} | {size['refine tier (read at the candidates)']:,.0f} | "
+                         f"{depth} | {r['wall']['p50']:.3f} | {r['wall']['p95']:.3f} | {r['reranked']['p50']:.0f} | "
+                         f"{r['recall_at_k']['+']:.2f}/{r['recall_at_k']['-']:.2f} |")
     kron = result["peers"].get("kronfluence", {})
     if kron.get("status") == "ok":
         lines.append(f"Kronfluence {kron['version']}: {kron['score_seconds_per_query']:.2f}s per query over {kron['docs']:,} docs; "
@@ -427,6 +466,7 @@ def run(settings: Settings, peers: list[str], work_dir: Path, threads: int) -> d
                     "synthetic_large_index": synthetic, "queries": [q.query_id for q in setup.queries],
                     "exact_scan_seconds": exact_seconds}
     result["latency"], result["rerank_exactness"] = timed("latency", latency, setup, settings, engines, exact)
+    result["tiers"] = timed("tiers", tiers, setup, settings, exact)
     result["variants_at_large_n"] = timed("variants", variants, settings, engines[large], setup)
     depths = tuple(d for d in settings.recall_depths if d <= n)
     result["candidate_recall"] = timed("candidate_recall", candidate_recall, engines[str(n)], setup.queries, exact, depths, settings.top_k)

@@ -16,11 +16,12 @@ from indexes.shards import (
     sketch_shard_path,
     write_sketch_shard,
 )
-from indexes.search import SketchStore, search_both_signs
-from indexes.store import index_exists, load_doc_table, load_index, load_sketch_store, merge_sketch_shards
+from indexes.search import RefineStore, SketchStore, search_both_signs
+from indexes.store import index_exists, load_doc_table, load_index, load_refine_store, load_sketch_store, merge_sketch_shards
 
 __all__ = [
     "SKETCH_SHARD_NAME",
+    "RefineStore",
     "SketchStore",
     "exact_topk",
     "finished_shards",
@@ -28,6 +29,7 @@ __all__ = [
     "iterate_shard_sketches",
     "load_doc_table",
     "load_index",
+    "load_refine_store",
     "load_sketch_store",
     "merge_sketch_shards",
     "search_both_signs",

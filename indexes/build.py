@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from indexes.constants import NO_FACTORY
+from indexes.constants import NO_FACTORY, REFINE_SCALE
+from indexes.search import encode_refine
 from indexes.shards import sketch_shard_exists, sketch_shard_path, write_sketch_shard
 from indexes.store import check_factory, index_exists, merge_sketch_shards
 from influence.arguments import IndexArgs
@@ -69,6 +70,7 @@ class IndexWork:
     seed: int
     batch_tokens: int
     key: tuple
+    refine: bool = False
 
 
 def plan_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path | str, out_dir: Path | str,
@@ -98,17 +100,42 @@ def plan_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path 
     if saved_path.is_file() and (any(out_dir.glob("sketch_shard_*")) or (out_dir / MANIFEST_NAME).exists()):
         require_same_plan(read_json(saved_path), saved_path, plan_identity,
                           ("model_fingerprint", "corpus_fingerprint", "factors_fingerprint"), out_dir, "model, corpus or factors", args)
+    if args.refine:
+        _check_refine_size(info, args.shard_size)
     spec = ModelSpec(str(model_dir), args.dtype, args.device, factors["args"]["module_pattern"], identity.quick)
     num_shards = -(-sequences.num_rows // args.shard_size)
     return IndexPlan(model_dir, factors_dir, corpus_dir, out_dir, args, info, spec, sequences, plan_identity, num_shards, factory)
 
 
 AUTO_FIRST_TIER_FROM = 100_000
+#: The most numbers a refine row may hold (8 MiB per document in float16): beyond it the tier costs more disk than a corpus
+#: can afford and more reading per candidate than its exact re-rank would.
+REFINE_MAX_NUMBERS = 1 << 22
+#: The most bytes of refine rows one index task holds and sends (a shard's worth)
+REFINE_MAX_SHARD_BYTES = 1 << 30
+
+
+def refine_numbers(info: ModelInfo) -> int:
+    """D: the numbers of one whitened gradient over the tracked modules (a refine row)."""
+    return sum(d_out * d_in for _, (d_out, d_in) in info.modules)
+
+
+def _check_refine_size(info: ModelInfo, shard_size: int) -> None:
+    numbers = refine_numbers(info)
+    if numbers > REFINE_MAX_NUMBERS:
+        raise InfluenceError(f"--refine would store {numbers:,} numbers ({2 * numbers / 2**20:,.1f} MiB) per document: the tracked modules' "
+                             f"whole gradient; it is meant for models up to {REFINE_MAX_NUMBERS:,} tracked numbers. Drop --refine, or "
+                             "track fewer modules (--module-pattern) when fitting the factors")
+    if 2 * numbers * shard_size > REFINE_MAX_SHARD_BYTES:
+        fits = max(1, REFINE_MAX_SHARD_BYTES // (2 * numbers))
+        raise InfluenceError(f"--refine with --shard-size {shard_size} would hold {2 * numbers * shard_size / 2**30:.1f} GiB of refine rows "
+                             f"per index task ({2 * numbers / 2**20:.1f} MiB per document); pass --shard-size {fits} or less")
 
 
 def first_tier_factory(factory: str, num_rows: int, fold_dim: int) -> str:
-    """'auto' made concrete: below 100,000 sequences the 4-bit store is scanned (6.5 ms per 1,000 rows on one thread); above, an
-    IVF-PQ first tier over the folded sketches (about sqrt(n) lists, fold_dim/8 bytes of codes per document)."""
+    """'auto' made concrete: below 100,000 sequences the 4-bit store is scanned (about 3 ms per 1,000 rows on one thread,
+    through FAISS); above, an IVF-PQ first tier over the folded sketches (about sqrt(n) lists, fold_dim/8 bytes of codes
+    per document)."""
     if factory != "auto":
         return factory
     if num_rows < AUTO_FIRST_TIER_FROM:
@@ -127,7 +154,8 @@ def build_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path
             _remove_shards(plan)
         return plan.out_dir
     dim, n = args.sketch_dim, plan.sequences.num_rows
-    bytes_needed = n * (dim * (2 + 4) + (4 * args.fold_dim if plan.factory != NO_FACTORY else 0))  # store, shards, first tier
+    refine_bytes = 2 * 2 * refine_numbers(plan.info) if args.refine else 0  # float16, in the shards and merged
+    bytes_needed = n * (dim * (2 + 4) + (4 * args.fold_dim if plan.factory != NO_FACTORY else 0) + refine_bytes)  # store, shards, tiers
     with prepare_output(plan.out_dir, "index", {"model": plan.model_dir, "factors": plan.factors_dir, "corpus": plan.corpus_dir},
                         bytes_needed):
         write_json(plan.out_dir / ARGS_NAME, plan.identity)
@@ -141,7 +169,7 @@ def index_passes(plan: IndexPlan, executor: Optional[Executor] = None):
     args = plan.args
     factors = load_factors(plan.factors_dir, plan.identity["model_fingerprint"])
     key = (plan.identity["factors_fingerprint"], args.sketch_dim, args.seed, args.dtype, args.device)
-    work = IndexWork(plan.spec, factors, tuple(plan.info.module_names), args.sketch_dim, args.seed, args.batch_tokens, key)
+    work = IndexWork(plan.spec, factors, tuple(plan.info.module_names), args.sketch_dim, args.seed, args.batch_tokens, key, args.refine)
     pending = [k for k in range(plan.num_shards) if not sketch_shard_exists(plan.out_dir, k, plan.num_shards)]
     start = time.perf_counter()
     yield Pass("sketch", pending, sketch_work, save=partial(_save_shard, plan), reduce=partial(_finish, plan, start, executor),
@@ -150,7 +178,8 @@ def index_passes(plan: IndexPlan, executor: Optional[Executor] = None):
 
 
 def sketch_work(workspace: Workspace, work: IndexWork, rows: TokenRows) -> dict:
-    """Sketches, exact self-influences and gradient norms of some rows, in row order."""
+    """Sketches, exact self-influences and gradient norms of some rows, in row order; with `work.refine`, also their
+    whitened gradients as refine rows (float16, encoded here: half the bytes to send)."""
     loaded = workspace.get(("model", work.spec), partial(load_model_context, work.spec))
     sketcher = workspace.get(("sketcher", work.key), lambda: Sketcher(
         work.factors.to(torch.float64 if work.spec.dtype == "float64" else torch.float32, work.spec.device),
@@ -158,14 +187,19 @@ def sketch_work(workspace: Workspace, work: IndexWork, rows: TokenRows) -> dict:
     n = len(rows)
     sketches = np.zeros((n, work.sketch_dim), np.float32)
     self_influence, grad_norm = np.zeros(n), np.zeros(n)
+    refine = np.zeros((n, sketcher.whitened_dim), np.float16) if work.refine else None
+    refine_scale = np.zeros(n, np.float32)
     for positions in plan_batches(rows.lengths, work.batch_tokens):
         batch = make_token_batch([rows.sequence(i) for i in positions], device=work.spec.device)
         io, _ = capture_module_io(loaded.model, loaded.modules, batch)
-        result = sketcher.sketch_io(io)
+        result = sketcher.sketch_io(io, whitened=work.refine)
         sketches[positions] = result.sketches.cpu().numpy()
         self_influence[positions] = result.self_influence.numpy()
         grad_norm[positions] = result.gradient_norm.numpy()
-    return {"seq_id": rows.seq_ids, "sketch": sketches, "self_influence": self_influence, "grad_norm": grad_norm}
+        if work.refine:
+            refine[positions], refine_scale[positions] = encode_refine(result.whitened.cpu().numpy())
+    output = {"seq_id": rows.seq_ids, "sketch": sketches, "self_influence": self_influence, "grad_norm": grad_norm}
+    return {**output, "refine": refine, REFINE_SCALE: refine_scale} if work.refine else output
 
 
 def _save_shard(plan: IndexPlan, shard: int, output: dict) -> None:
@@ -175,8 +209,9 @@ def _save_shard(plan: IndexPlan, shard: int, output: dict) -> None:
     if not np.array_equal(output["seq_id"], meta["seq_id"].to_numpy()):
         raise InfluenceError(f"shard {shard}: a worker returned other rows than it was sent; this is a bug, please report it")
     table = pa.table({"seq_id": output["seq_id"], **{c: meta[c] for c in DOC_COLUMNS},
-                      "self_influence": output["self_influence"], "grad_norm": output["grad_norm"]})
-    write_sketch_shard(plan.out_dir, shard, plan.num_shards, output["sketch"], table)
+                      "self_influence": output["self_influence"], "grad_norm": output["grad_norm"],
+                      **({REFINE_SCALE: output[REFINE_SCALE]} if "refine" in output else {})})
+    write_sketch_shard(plan.out_dir, shard, plan.num_shards, output["sketch"], table, output.get("refine"))
 
 
 def _finish(plan: IndexPlan, start: float, executor: Optional[Executor]) -> None:

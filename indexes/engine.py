@@ -5,8 +5,11 @@
 so both signs are found), from BM25 over the sequences' text (the paper's TF-IDF baseline), or from a full scan.
 Candidates are then scored exactly, index candidates best-first, stopping a sign once the sketch noise rules out
 the rest (`QueryArgs.adaptive`), since the forward and backward pass of each candidate is most of a query's time.
-Per-token scores come with the re-rank for a single query (they cost what its totals do); for several queries at
-once, which share one gradient per candidate, they are computed only for the documents returned.
+An index built with a refine tier (`IndexArgs.refine`) orders the candidates by their float16 whitened gradients first:
+those scores are off by at most a bound, not a noise, so the re-rank scores exactly little more than the top k.
+Per-token scores come with the re-rank, for the queries whose candidates a sequence is (a GEMM per such query,
+sequence and module: far less than a second forward and backward pass over the returned documents); a document
+returned for a query whose pool did not bring it in, and a full scan's answers, are scored again, per token.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 
 from indexes.constants import NO_FACTORY
 from indexes.search import search_both_signs, tiered_both_signs
-from indexes.store import load_doc_table, load_index, load_sketch_store
+from indexes.store import load_doc_table, load_index, load_refine_store, load_sketch_store
 from influence.arguments import QueryArgs
 from influence.artifacts import read_manifest, require_same, resolve_reference
 from influence.corpus import load_sequences, require_same_tokenizer
@@ -69,6 +72,10 @@ class QueryEngine:
         self.factors = factors.to(args.compute_dtype, args.device)
         self.sketcher = Sketcher(self.factors, self.module_names, manifest["sketch_dim"], manifest["args"]["seed"])
         self.store = load_sketch_store(self.index_dir)
+        self.refine = load_refine_store(self.index_dir)
+        if self.refine is not None and self.refine.dim != self.sketcher.whitened_dim:
+            raise InfluenceError(f"{self.index_dir}: its refine tier holds {self.refine.dim} numbers per document but the tracked "
+                                 f"modules' whitened gradients have {self.sketcher.whitened_dim}; rebuild the index")
         self.first_tier = None if manifest.get("first_tier", NO_FACTORY) == NO_FACTORY else load_index(self.index_dir)
         self.docs = load_doc_table(self.index_dir)
         self.seq_ids = self.docs["seq_id"].to_numpy()
@@ -118,7 +125,8 @@ class QueryEngine:
 
         tick = time.perf_counter()
         sketches, query_norms = self.sketcher.sketch_rotated(rotated)  # (queries, dim), (queries,)
-        pools = self._candidates(queries, sketches.numpy(), query_norms, args)
+        whitened = self.sketcher.whiten_rotated(rotated) if self._refines(args) else None  # (queries, D)
+        pools = self._candidates(queries, sketches.numpy(), query_norms, args, whitened)
         seconds["search"] = time.perf_counter() - tick
 
         if not args.rerank:
@@ -138,14 +146,18 @@ class QueryEngine:
                 # holds only scores of its sign (a corpus smaller than 2 x top_k must not list a positive as negative)
                 columns = np.argsort(-sign * scored.scores[qi], kind="stable")[: args.top_k]
                 chosen.append(columns[sign * scored.scores[qi, columns] > 0])
-        token_scores = {}
+        token_scores: dict[tuple[int, int], np.ndarray] = {}  # (query, column) -> per-token scores
         if args.per_token:
-            returned = np.unique(np.concatenate(chosen)).astype(np.int64)
-            if scored.tokens is not None:  # kept from the re-rank
-                token_scores = {int(col): scored.tokens[int(col)] for col in returned}
-            else:
-                _, _, per_token = self._score(prepared, union[returned], True, args.batch_tokens)
-                token_scores = dict(zip(returned.tolist(), per_token))
+            for qi in range(len(queries)):
+                returned = np.unique(np.concatenate(chosen[2 * qi : 2 * qi + 2])).astype(np.int64)
+                if scored.tokens is not None:  # kept from the re-rank for the queries whose pools brought them in
+                    kept = {int(col): scored.tokens[int(col)][qi] for col in returned}
+                    token_scores.update({(qi, col): tokens for col, tokens in kept.items() if not np.isnan(tokens).any()})
+                    returned = np.asarray([col for col in returned if (qi, int(col)) not in token_scores], np.int64)
+                if len(returned):  # scored again, against the query that returns them alone
+                    alone = {name: tuple(x[qi : qi + 1] for x in p) if isinstance(p, tuple) else p[qi : qi + 1] for name, p in prepared.items()}
+                    _, _, per_token = self._score(alone, union[returned], True, args.batch_tokens)
+                    token_scores.update({(qi, int(col)): tokens[0] for col, tokens in zip(returned, per_token)})
         seconds["tokens"] = time.perf_counter() - tick
         seconds["total"] = sum(seconds.values())
 
@@ -156,7 +168,7 @@ class QueryEngine:
                 estimates = self._sketch_scores(sketches[qi].numpy(), union[columns])
                 for rank, (col, estimate) in enumerate(zip(columns, estimates), start=1):
                     seq_id = int(union[col])
-                    tokens = token_scores[int(col)][qi] if int(col) in token_scores else None
+                    tokens = token_scores.get((qi, int(col)))
                     documents.append(self._document(query, sign, rank, seq_id, scored.scores[qi, col], scored.per_module[:, qi, col],
                                                     tokens, float(estimate)))
             completion = token_texts(self.tokenizer, tokenized[qi].completion_ids)
@@ -169,21 +181,27 @@ class QueryEngine:
         rows = self.index_ids[seq_ids]
         return self.store.decode(rows) @ sketch
 
+    def _refines(self, args: QueryArgs) -> bool:
+        return self.refine is not None and args.refine and args.generator == "index"
+
     def _sketch_result(self, query: Query, pools, tokenized, args: QueryArgs, seconds: dict) -> QueryResult:
-        """The top sketch scores of each sign as they come from the index: estimates, no exact scores or breakdowns."""
+        """The top index scores of each sign (the refine tier's where the index has one): estimates, no exact scores or
+        breakdowns."""
         documents = []
         for sign, pool in zip("+-", pools):
             direction = 1.0 if sign == "+" else -1.0
-            kept = [(s, v) for s, v in zip(pool.seq_ids[: args.top_k], pool.sketch_scores[: args.top_k]) if direction * v > 0]
+            kept = [(s, v) for s, v in zip(pool.seq_ids[: args.top_k], pool.scores[: args.top_k]) if direction * v > 0]
             for rank, (seq_id, score) in enumerate(kept, start=1):
                 documents.append(self._document(query, sign, rank, int(seq_id), float(score), [], None, float(score)))
         completion = token_texts(self.tokenizer, tokenized.completion_ids)
         return QueryResult(query, completion, documents, args.generator, 0, dict(seconds), exact=False)
 
-    def _candidates(self, queries, sketches: np.ndarray, query_norms: np.ndarray, args) -> list[tuple["CandidatePool", "CandidatePool"]]:
-        """Per query: (positive, negative) candidate pools, best first, with sketch scores and noise where known."""
+    def _candidates(self, queries, sketches: np.ndarray, query_norms: np.ndarray, args,
+                    whitened: Optional[np.ndarray] = None) -> list[tuple["CandidatePool", "CandidatePool"]]:
+        """Per query: (positive, negative) candidate pools, best first, with the index's scores and their slack where known;
+        with `whitened` queries, ordered by the refine tier's scores with its error bounds."""
         n = len(self.seq_ids)
-        depth = min(args.candidates if args.rerank else args.top_k, n)
+        depth = min(args.candidates if args.rerank or whitened is not None else args.top_k, n)
         if args.generator == "exact":
             return [(CandidatePool(self.seq_ids),) * 2 for _ in queries]
         if args.generator == "bm25":
@@ -198,58 +216,65 @@ class QueryEngine:
         pools = []
         for qi in range(len(queries)):
             pair = []
-            for ids, scores in ((top_ids[qi], top_scores[qi]), (low_ids[qi], low_scores[qi])):
+            for direction, ids, scores in ((1.0, top_ids[qi], top_scores[qi]), (-1.0, low_ids[qi], low_scores[qi])):
                 found = ids >= 0
                 ids, scores = ids[found], scores[found].astype(np.float64)
-                noise = None
-                if adaptive:  # the count sketch's noise and the store's 4-bit rounding, independent
-                    noise = np.hypot(self.sketcher.noise_scale(query_norms[qi], self.document_norms[ids]),
-                                     self.store.rounding_noise(sketch_norms[qi], ids))
-                pair.append(CandidatePool(self.seq_ids[ids], scores, noise))
+                if whitened is not None:  # the refine tier's scores, off by at most their bounds
+                    scores = self.refine.scores(whitened[qi : qi + 1], ids)[0]
+                    slack = self.refine.error_bound(whitened[qi : qi + 1], ids, self.document_norms[ids])[0]
+                    order = np.argsort(-direction * scores, kind="stable")
+                    ids, scores, slack = ids[order], scores[order], slack[order]
+                else:  # the count sketch's noise and the store's 4-bit rounding, independent: a few standard deviations
+                    slack = args.stop_margin * np.hypot(self.sketcher.noise_scale(query_norms[qi], self.document_norms[ids]),
+                                                        self.store.rounding_noise(sketch_norms[qi], ids))
+                pair.append(CandidatePool(self.seq_ids[ids], scores, slack if adaptive else None, bounded=whitened is not None))
             pools.append(tuple(pair))
         return pools
 
     def _rerank(self, prepared, pools: list[tuple["CandidatePool", "CandidatePool"]], args: QueryArgs) -> "ExactScores":
-        """Exact scores of the candidates, in rounds of the best unscored candidates of every open (query, sign),
-        each round twice as deep as the one before.
+        """Exact scores of the candidates, in rounds over every open (query, sign).
 
-        A (query, sign) closes when its pool is exhausted or, for adaptive pools, when even the most
-        hopeful remaining candidate (sketch score + stop_margin x noise, in that sign's direction) falls
-        below its k-th best exact score so far; every exactly scored sequence counts, whichever pool
-        brought it in.
+        The first round scores, best first, the candidates of each pool that could be in its top k by the index's own
+        scores and slack (`CandidatePool.first_round`): the top k and those close behind (all for a refine tier's bounds,
+        up to max(top_k, 8) for a sketch's noise). After each round a (query, sign) stays open only while some unscored
+        candidate could still enter its top k, i.e. its index score plus slack (in that sign's direction) reaches the
+        k-th best exact score so far; the next round scores those, best first, twice as many as the round before at
+        most. For a sketch pool the slack is stop_margin standard deviations of its noise: a document of the exact top k
+        is missed when its sketch score is that far off (a refine pool's bound never is). Every exactly scored sequence counts, whichever pool brought it in.
+        Pools without slack (BM25, a full scan, `adaptive` off) are scored whole in the first round.
         """
-        # One query: its per-token scores cost what its totals do (one GEMM per sequence and module either way), so the
-        # re-rank keeps them and the returned documents need no second forward and backward pass. Several queries
-        # share one gradient per sequence for their totals, and per-token scores would cost a GEMM per query. A full
-        # scan (`exact`) would keep every sequence's per-token scores in memory: only the returned ones are kept.
-        per_token = args.per_token and len(pools) == 1 and args.generator != "exact"
+        # Per-token scores cost a GEMM per sequence and module for each query whose pool brought the sequence in (one
+        # query: what its totals cost), far less than the second forward and backward pass over the returned documents
+        # they would otherwise need, so the re-rank keeps them. A full scan (`exact`) would keep every sequence's in
+        # memory: there only the returned ones are scored.
+        per_token = args.per_token and args.generator != "exact"
         scored = ExactScores(len(pools), len(self.module_names), per_token)
-        cursors = {(qi, sign): 0 for qi in range(len(pools)) for sign in (0, 1)}
         step = max(args.top_k, 8)
-        while cursors:
-            wanted = []
-            for (qi, sign), cursor in cursors.items():
-                pool = pools[qi][sign]
-                end = len(pool.seq_ids) if pool.noise is None else cursor + step
-                wanted.append(pool.seq_ids[cursor:end])
-                cursors[(qi, sign)] = min(end, len(pool.seq_ids))
-            new = [s for s in dict.fromkeys(int(s) for s in np.concatenate(wanted)) if s not in scored.column]
+        wanted = {(qi, sign): pools[qi][sign].first_round(1.0 if sign == 0 else -1.0, args.top_k, step)
+                  for qi in range(len(pools)) for sign in (0, 1)}
+        while wanted:
+            owners: dict[int, set] = {}  # sequence -> the queries whose pools want it
+            for (qi, _), ids in wanted.items():
+                for seq_id in ids.tolist():
+                    owners.setdefault(seq_id, set()).add(qi)
+            new = [s for s in owners if s not in scored.column]
             if new:
-                scores, per_module, tokens = self._score(prepared, np.asarray(new, np.int64), per_token, args.batch_tokens)
+                scores, per_module, tokens = self._score(prepared, np.asarray(new, np.int64), per_token, args.batch_tokens,
+                                                         [owners[s] for s in new] if len(pools) > 1 else None)
                 scored.add(np.asarray(new, np.int64), scores, per_module, tokens)
             step *= 2  # few rounds: each costs a partly filled batch per (query, sign)
-            for (qi, sign), cursor in list(cursors.items()):
-                pool = pools[qi][sign]
-                if cursor >= len(pool.seq_ids) or pool.noise is None:
-                    del cursors[(qi, sign)]
-                    continue
-                direction = 1.0 if sign == 0 else -1.0
-                exact = np.sort(direction * scored.scores[qi])
-                if len(exact) < args.top_k:
-                    continue
-                hopeful = direction * pool.sketch_scores[cursor:] + args.stop_margin * pool.noise[cursor:]
-                if hopeful.max() < exact[-args.top_k]:
-                    del cursors[(qi, sign)]
+            wanted = {}
+            for qi, pair in enumerate(pools):
+                for sign, pool in enumerate(pair):
+                    if pool.slack is None:
+                        continue
+                    direction = 1.0 if sign == 0 else -1.0
+                    exact = np.sort(direction * scored.scores[qi])
+                    unscored = np.fromiter((s not in scored.column for s in pool.seq_ids), bool, len(pool.seq_ids))
+                    kth = exact[-args.top_k] if len(exact) >= args.top_k else -np.inf
+                    hopeful = unscored & (direction * pool.scores + pool.slack >= kth)
+                    if hopeful.any():
+                        wanted[(qi, sign)] = pool.seq_ids[hopeful][:step]
         return scored
 
     def _bm25_candidates(self, queries: list[Query], depth: int) -> list[np.ndarray]:
@@ -265,8 +290,10 @@ class QueryEngine:
         ids, _ = self._bm25.retrieve(bm25s.tokenize(texts, show_progress=False), k=depth, show_progress=False)
         return [self.sequences["seq_id"].to_numpy()[row] for row in ids]
 
-    def _score(self, prepared: dict[str, Prepared], seq_ids: np.ndarray, per_token: bool, batch_tokens: int):
-        """Exact scores of the given sequences: (queries, n), (modules, queries, n), and per token a list of (queries, tokens)."""
+    def _score(self, prepared: dict[str, Prepared], seq_ids: np.ndarray, per_token: bool, batch_tokens: int,
+               token_queries: Optional[list] = None):
+        """Exact scores of the given sequences: (queries, n), (modules, queries, n), and per token a list of (queries, tokens);
+        with `token_queries` (per sequence, the queries whose per-token scores are wanted), NaN rows for the others."""
         sequences = [self.input_ids[int(s)].as_py() for s in seq_ids]
         num_queries = next(iter(prepared.values()))
         num_queries = (num_queries[0] if isinstance(num_queries, tuple) else num_queries).shape[0]
@@ -274,12 +301,15 @@ class QueryEngine:
         tokens: list = [None] * len(seq_ids)
         for positions in plan_batches([len(ids) for ids in sequences], batch_tokens):
             batch = make_token_batch([sequences[i] for i in positions], device=self.args.device)
-            result = score_batch(self.loaded, prepared, batch, per_token)
+            wanted = None if token_queries is None else [token_queries[i] for i in positions]
+            result = score_batch(self.loaded, prepared, batch, per_token, token_queries=wanted)
             scores[:, positions] = result.total.double().cpu().numpy()
             per_module[:, :, positions] = result.per_module.double().cpu().numpy()
             if per_token:
                 for j, i in enumerate(positions):
                     tokens[i] = result.per_token[:, j, : len(sequences[i])].double().cpu().numpy()
+                    if wanted is not None:
+                        tokens[i][[q for q in range(num_queries) if q not in wanted[j]]] = np.nan
         return scores, per_module, (tokens if per_token else None)
 
     def _document(self, query, sign, rank, seq_id, score, module_scores, token_scores, sketch_score) -> DocumentInfluence:
@@ -295,12 +325,24 @@ class QueryEngine:
 
 @dataclass
 class CandidatePool:
-    """One query's candidates for one sign, best first: sequence ids, and for index pools the sketch scores
-    (inner products with q) and their noise scale, which allow the adaptive re-rank to stop early."""
+    """One query's candidates for one sign, best first: sequence ids, and for index pools the index's scores (sketch
+    or refine tier inner products with q) and their slack: how far an exact score may plausibly (sketch: stop_margin
+    standard deviations) or at most (refine tier: a bound) lie from them, which lets the adaptive re-rank stop early."""
 
     seq_ids: np.ndarray
-    sketch_scores: Optional[np.ndarray] = None
-    noise: Optional[np.ndarray] = None
+    scores: Optional[np.ndarray] = None
+    slack: Optional[np.ndarray] = None
+    bounded: bool = False  # the slack is a bound (refine tier), not a few standard deviations (sketch)
+
+    def first_round(self, direction: float, top_k: int, most: int) -> np.ndarray:
+        """The candidates worth an exact score before any is known: all without slack; else, best first, those whose
+        score + slack reaches the k-th best score - slack (the top k among them): all of them when the slack is a
+        bound (they are few), at most max(top_k, most) when it is the sketch's noise (they can be many)."""
+        if self.slack is None or len(self.seq_ids) <= top_k:
+            return self.seq_ids
+        lower = np.sort(direction * self.scores - self.slack)[-top_k]
+        plausible = np.flatnonzero(direction * self.scores + self.slack >= lower)
+        return self.seq_ids[plausible if self.bounded else plausible[: max(top_k, most)]]
 
 
 class ExactScores:

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indexes.constants import INDEX_ID, ROWS_NAME, SEQ_ID, SKETCH_SHARD_NAME, SKETCHES_NAME
+from indexes.constants import INDEX_ID, REFINE_NAME, REFINE_SCALE, ROWS_NAME, SEQ_ID, SKETCH_SHARD_NAME, SKETCHES_NAME
 from influence.artifacts import ensure_writable_dir, no_space_error
 from influence.errors import InfluenceError
 
@@ -47,7 +47,8 @@ def finished_shards(index_dir: Path, num_shards: int) -> list[int]:
     return [shard for shard in range(num_shards) if sketch_shard_exists(index_dir, shard, num_shards)]
 
 
-def write_sketch_shard(index_dir: Path, shard: int, num_shards: int, sketches: np.ndarray, rows: pa.Table) -> Path:
+def write_sketch_shard(index_dir: Path, shard: int, num_shards: int, sketches: np.ndarray, rows: pa.Table,
+                       refine: np.ndarray | None = None) -> Path:
     """Write one shard of sketches and their rows atomically; an existing shard is replaced.
 
     Args:
@@ -57,18 +58,24 @@ def write_sketch_shard(index_dir: Path, shard: int, num_shards: int, sketches: n
         sketches: float32 (n, d), finite.
         rows: n rows in the same order as `sketches`, with an int64 `seq_id` column and any metadata
             columns (doc_id, source, lang, num_tokens, grad_norm, self_influence, ...).
+        refine: Optional float16 (n, D) refine rows (`search.encode_refine`); `rows` then carries their scales in a
+            float32 `refine_scale` column.
 
     Returns:
         The shard directory.
     """
     check_sketches(sketches, where=f"shard {shard}")
     check_rows(rows, sketches.shape[0], where=f"shard {shard}")
+    if refine is not None:
+        check_refine(refine, rows, where=f"shard {shard}")
     final = sketch_shard_path(index_dir, shard, num_shards)
     ensure_writable_dir(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         # C order so that the merge's mmap blocks are contiguous rows FAISS can take without a copy.
         np.save(tmp / SKETCHES_NAME, np.ascontiguousarray(sketches), allow_pickle=False)
+        if refine is not None:
+            np.save(tmp / REFINE_NAME, np.ascontiguousarray(refine), allow_pickle=False)
         pq.write_table(rows.replace_schema_metadata(None), tmp / ROWS_NAME)
         _rename_into_place(tmp, final)
     except OSError as exc:
@@ -88,14 +95,25 @@ def load_shard_sketches(index_dir: Path, shard: int, num_shards: int) -> np.ndar
     Each open memmap holds a file descriptor: callers looping over many shards should drop one
     before opening the next.
     """
-    path = sketch_shard_path(index_dir, shard, num_shards) / SKETCHES_NAME
+    return _load_shard_matrix(sketch_shard_path(index_dir, shard, num_shards) / SKETCHES_NAME, np.float32, "sketch array")
+
+
+def load_shard_refine(index_dir: Path, shard: int, num_shards: int) -> np.ndarray | None:
+    """Memory-map one finished shard's refine rows (float16 (n, D)), or None when it was written without them."""
+    path = sketch_shard_path(index_dir, shard, num_shards) / REFINE_NAME
+    return _load_shard_matrix(path, np.float16, "refine array") if path.is_file() else None
+
+
+def _load_shard_matrix(path: Path, dtype, what: str) -> np.ndarray:
+    """A read-only memmap of a shard's 2-D `dtype` array, or a clear error naming the shard to re-run."""
     try:
-        sketches = np.load(path, mmap_mode="r", allow_pickle=False)
+        matrix = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise InfluenceError(f"{path} is not a readable sketch array ({exc}); delete its shard and re-run that shard") from exc
-    if sketches.ndim != 2 or sketches.dtype != np.float32:
-        raise InfluenceError(f"{path} holds {sketches.dtype} {sketches.shape}, not float32 (n, d); delete its shard and re-run that shard")
-    return sketches
+        raise InfluenceError(f"{path} is not a readable {what} ({exc}); delete its shard and re-run that shard") from exc
+    if matrix.ndim != 2 or matrix.dtype != dtype:
+        raise InfluenceError(f"{path} holds {matrix.dtype} {matrix.shape}, not {np.dtype(dtype).name} (n, d); delete its shard and "
+                             "re-run that shard")
+    return matrix
 
 
 def load_shard_rows(index_dir: Path, shard: int, num_shards: int) -> pa.Table:
@@ -189,6 +207,19 @@ def check_rows(rows: pa.Table, num_sketches: int, where: str) -> None:
     duplicates = duplicate_values(seq_ids.to_numpy())
     if duplicates.size:
         raise InfluenceError(f"{where}: duplicate {SEQ_ID}s {duplicates[:5].tolist()}; each sequence must be sketched once")
+
+
+def check_refine(refine: np.ndarray, rows: pa.Table, where: str) -> None:
+    """Refine rows: float16 (n, D), finite, one per row of `rows`, whose float32 `refine_scale` column gives their scales."""
+    if not isinstance(refine, np.ndarray) or refine.ndim != 2 or refine.dtype != np.float16:
+        shape = getattr(refine, "shape", type(refine).__name__)
+        raise InfluenceError(f"{where}: refine rows must be a float16 (n, D) array, got {getattr(refine, 'dtype', '')} {shape}; "
+                             "encode them with indexes.search.encode_refine")
+    if refine.shape[0] != rows.num_rows or REFINE_SCALE not in rows.column_names:
+        raise InfluenceError(f"{where}: {refine.shape[0]} refine rows for {rows.num_rows} rows (with a '{REFINE_SCALE}' column: "
+                             f"{REFINE_SCALE in rows.column_names}); pass one refine row per row and their scales")
+    if not np.isfinite(refine).all():
+        raise InfluenceError(f"{where}: refine rows contain NaN or inf; check the damping and the model dtype (use float32), then re-run")
 
 
 def duplicate_values(values: np.ndarray) -> np.ndarray:

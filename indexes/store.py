@@ -2,7 +2,8 @@
 
 `merge_sketch_shards` streams the shards' memory-mapped sketches block by block into `sketches.npy` (4-bit codes
 with a step per row, `search.encode_sketches`) and, given a factory string, a FAISS index (ids 0..N-1 in shard order), and writes
-`docs.parquet`, the shards' rows with an `index_id` column aligned to those ids. The build is deterministic: identical shards and
+`docs.parquet`, the shards' rows with an `index_id` column aligned to those ids; shards written with refine rows also give
+`refine.npy`, the refine tier (`search.RefineStore`). The build is deterministic: identical shards and
 seed give byte-identical files, whatever the number of shards they were split into.
 """
 
@@ -21,13 +22,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from indexes.constants import (DOCS_NAME, FACTORY_EXAMPLES, INDEX_ID, INDEX_META_NAME, INDEX_NAME, NO_FACTORY, SCALE, SEQ_ID,
-                               STORE_DTYPE, STORE_NAME)
-from indexes.search import SketchStore, encode_sketches, fold
+from indexes.constants import (DOCS_NAME, FACTORY_EXAMPLES, INDEX_ID, INDEX_META_NAME, INDEX_NAME, NO_FACTORY, REFINE_NAME, REFINE_SCALE,
+                               SCALE, SEQ_ID, STORE_DTYPE, STORE_NAME)
+from indexes.search import RefineStore, SketchStore, encode_sketches, fold
 from indexes.tiers import add_blocks
 from indexes.shards import (
     check_sketches,
     duplicate_values,
+    load_shard_refine,
     load_shard_rows,
     load_shard_sketches,
     require_all_shards,
@@ -63,7 +65,8 @@ def merge_sketch_shards(
     The store holds every sketch as 4-bit codes, two per byte, with a step per row (kept in the doc table's
     `sketch_scale`): entries are rounded to multiples of max |x| / 7, whatever the model's gradients are. The
     rounding moves a score by a few percent of the count sketch's own noise, and a byte per two numbers gives the
-    sketch four times the dimension float16 would at the same size.
+    sketch four times the dimension float16 would at the same size. Shards that carry refine rows (`--refine`) are
+    concatenated into `refine.npy` (float16, memory-mapped by queries, never read whole).
 
     Args:
         index_dir: The directory holding the sketch shards; the outputs are written beside them.
@@ -101,6 +104,7 @@ def merge_sketch_shards(
         raise InfluenceError(f"the {num_shards} sketch shards in {index_dir} hold no rows; check that the corpus is not empty")
 
     scales = _write_store(index_dir, num_shards, total, dim, block_size, progress)
+    refine_dim = _write_refine(index_dir, num_shards, total, progress)
     num_train = 0
     index_dim = dim if fold_dim is None else min(fold_dim, dim)
     if factory != NO_FACTORY:
@@ -142,6 +146,7 @@ def merge_sketch_shards(
         "num_shards": num_shards,
         "shard_rows": sizes,
         "store_dtype": STORE_DTYPE,
+        "refine_dim": refine_dim,
         "train_size": train_size,
         "num_train": num_train,
         "seed": seed,
@@ -173,6 +178,56 @@ def _write_store(index_dir: Path, num_shards: int, total: int, dim: int, block_s
         store.flush()
         del store
     return steps
+
+
+def _write_refine(index_dir: Path, num_shards: int, total: int, progress: bool) -> int:
+    """Every shard's refine rows into one float16 (total, D) `refine.npy`, when the shards have them; returns D (0: none)."""
+    dims = []
+    for shard in range(num_shards):
+        refine = load_shard_refine(index_dir, shard, num_shards)
+        dims.append(None if refine is None else refine.shape[1])
+        del refine
+    if all(d is None for d in dims):
+        (index_dir / REFINE_NAME).unlink(missing_ok=True)
+        return 0
+    if None in dims or len(set(dims)) > 1:
+        raise InfluenceError(f"the sketch shards in {index_dir} disagree on the refine tier (refine dims by shard: {dims}); they were "
+                             "written with different --refine settings: delete them and re-run the index stage with one setting")
+    with atomic_path(index_dir / REFINE_NAME) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, dims[0]))
+        offset = 0
+        with tqdm(total=total, unit="rows", desc="merge refine tier", disable=not progress) as bar:
+            for shard in range(num_shards):
+                refine = load_shard_refine(index_dir, shard, num_shards)
+                for start in range(0, refine.shape[0], 1024):
+                    block = refine[start : start + 1024]
+                    out[offset : offset + len(block)] = block
+                    offset += len(block)
+                    bar.update(len(block))
+                del refine
+        out.flush()
+        del out
+    return int(dims[0])
+
+
+def load_refine_store(index_dir: Path) -> RefineStore | None:
+    """The refine tier (float16 whitened gradients, memory-mapped, with each row's scale), or None if the index has none."""
+    index_dir = Path(index_dir)
+    meta = _read_meta(index_dir)
+    dim = int(meta.get("refine_dim") or 0)
+    if not dim:
+        return None
+    try:
+        rows = np.load(index_dir / REFINE_NAME, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InfluenceError(f"{index_dir / REFINE_NAME} is not a readable refine tier ({exc}); rebuild the index") from exc
+    if rows.dtype != np.float16 or rows.shape != (meta["ntotal"], dim):
+        raise InfluenceError(f"{index_dir / REFINE_NAME} holds {rows.dtype} {rows.shape}, not the float16 ({meta['ntotal']}, {dim}) "
+                             "its index.json names; rebuild the index")
+    docs = load_doc_table(index_dir)
+    if REFINE_SCALE not in docs.column_names:
+        raise InfluenceError(f"{index_dir / DOCS_NAME} has no {REFINE_SCALE} column for its refine tier; rebuild the index")
+    return RefineStore(rows, docs[REFINE_SCALE].to_numpy(), dim)
 
 
 def load_sketch_store(index_dir: Path) -> SketchStore:

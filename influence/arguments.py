@@ -54,7 +54,9 @@ class StageArgs:
 
         ignored = self.RUNTIME_ONLY + (() if (Path(where) / MANIFEST_NAME).exists() else self.REDUCE_ONLY)
         mine = {k: v for k, v in self.artifact_dict().items() if k not in ignored}
-        theirs = {k: v for k, v in saved.items() if k not in ignored}
+        # a setting added after the artifact was written is absent from it: it was built as that setting's default
+        defaults = type(self)().artifact_dict()
+        theirs = {k: v for k, v in {**{k: d for k, d in defaults.items() if k not in saved}, **saved}.items() if k not in ignored}
         diffs = {k: (theirs.get(k), mine.get(k)) for k in set(mine) | set(theirs) if theirs.get(k) != mine.get(k)}
         if diffs:
             detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in sorted(diffs.items()))
@@ -205,6 +207,10 @@ class IndexArgs(StageArgs):
     train_size: int = _help("rows sampled to train IVF/PQ indexes", 50_000)
     shard_size: int = _help("sequences per resumable shard", 256)
     keep_shards: bool = _help("keep the per-shard sketch files after the merge (they double the disk use)", False)
+    refine: bool = _help("also store every document's whitened gradient itself in float16 (2 bytes per number of the tracked "
+                         "modules' gradients, on disk, memory-mapped): a refine tier whose scores are exact up to a bounded "
+                         "rounding, so a query re-ranks exactly little more than the documents it returns. For models up to "
+                         "a few million tracked gradient numbers", False)
     dtype: str = _help("dtype of the model while sketching", "float32")
     batch_tokens: int = _help(BATCH_TOKENS_HELP, 2048)
     device: str = _help("torch device: cpu, cuda, cuda:N", "cpu")
@@ -239,6 +245,7 @@ class QueryArgs(StageArgs):
     first_tier_depth: int = _help("candidates per sign the first tier proposes for the sketch store to order (indexes with a "
                                   "first tier)", 2000)
     per_token: bool = _help("compute per-token influence inside the returned documents", True)
+    refine: bool = _help("order the index's candidates by its refine tier (indexes built with --refine) before the exact re-rank", True)
     dtype: str = _help("dtype of the model while querying", "float32")
     batch_tokens: int = _help(BATCH_TOKENS_HELP, 2048)
     device: str = _help("torch device: cpu, cuda, cuda:N", "cpu")

@@ -6,6 +6,7 @@ Plain data, shared by the query engine (`indexes/engine.py`), the reports and th
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -27,11 +28,21 @@ def layer_scores(module_scores: dict[str, float]) -> dict[str, float]:
     return dict(sorted(layers.items()))
 
 
+# tokenizer -> {token id: its text alone}: a query shows a few thousand tokens, of a vocabulary's most common few
+_PIECES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
     """Display text of each token; a character split over several byte tokens goes to its last token."""
+    pieces = _PIECES.setdefault(tokenizer, {})
     texts, start = [], 0
     for i in range(len(ids)):
-        piece = tokenizer.decode(ids[start : i + 1], skip_special_tokens=False)
+        if start == i:  # a token alone: decoded once per tokenizer (transformers' decode costs ~15 us a call)
+            piece = pieces.get(ids[i])
+            if piece is None:
+                piece = pieces[ids[i]] = tokenizer.decode(ids[i : i + 1], skip_special_tokens=False)
+        else:
+            piece = tokenizer.decode(ids[start : i + 1], skip_special_tokens=False)
         if piece.endswith("\ufffd") and i + 1 < len(ids) and i + 1 - start < 4:
             texts.append("")
             continue

@@ -86,8 +86,12 @@ class BatchScores:
 
 
 def score_batch(loaded: LoadedModel, prepared: dict[str, Prepared], batch: TokenBatch, per_token: bool = False,
-                factors: Optional[Factors] = None) -> BatchScores:
-    """Exact scores of `batch` against `prepared` queries; with `factors`, also each sequence's self-influence."""
+                factors: Optional[Factors] = None, token_queries: Optional[Sequence[Sequence[int]]] = None) -> BatchScores:
+    """Exact scores of `batch` against `prepared` queries; with `factors`, also each sequence's self-influence.
+
+    `token_queries` (with `per_token`) names, per sequence of the batch, the queries whose per-token scores are wanted;
+    the others' stay zero and only their totals are computed: a GEMM per wanted (query, sequence) instead of per pair.
+    """
     io, _ = capture_module_io(loaded.model, loaded.modules, batch)
     module_scores, token_scores = [], None
     self_scores = torch.zeros(len(batch.input_ids), dtype=torch.float64) if factors is not None else None
@@ -95,6 +99,11 @@ def score_batch(loaded: LoadedModel, prepared: dict[str, Prepared], batch: Token
         p = prepared[name]
         dtype = p[0].dtype if isinstance(p, tuple) else p.dtype
         a, s = a.to(dtype), s.to(dtype)
+        if per_token and token_queries is not None and not isinstance(p, tuple):
+            contribution = _chosen_token_scores(p, a, s, token_queries)
+            token_scores = contribution if token_scores is None else token_scores + contribution
+            module_scores.append(_module_scores(p, a, s, False))
+            continue
         contribution = _module_scores(p, a, s, per_token)
         if per_token:
             token_scores = contribution if token_scores is None else token_scores + contribution
@@ -118,6 +127,16 @@ def _module_scores(prepared: Prepared, a: torch.Tensor, s: torch.Tensor, per_tok
         # s_t^T P a_t for every token: (s @ P) * a summed over d_in, one GEMM per query
         return torch.stack([((s @ p) * a).sum(-1) for p in prepared])  # (queries, batch, tokens)
     return torch.einsum("qoi,boi->qb", prepared, sequence_gradients(a, s))
+
+
+def _chosen_token_scores(prepared: torch.Tensor, a: torch.Tensor, s: torch.Tensor, token_queries: Sequence[Sequence[int]]) -> torch.Tensor:
+    """s_t^T P a_t (queries, batch, tokens) for the (query, sequence) pairs of `token_queries` only, zero elsewhere."""
+    out = torch.zeros(prepared.shape[0], *a.shape[:2], dtype=a.dtype, device=a.device)
+    for qi, p in enumerate(prepared):
+        rows = [j for j, wanted in enumerate(token_queries) if qi in wanted]
+        if rows:
+            out[qi, rows] = ((s[rows] @ p) * a[rows]).sum(-1)
+    return out
 
 
 @dataclass

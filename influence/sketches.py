@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ class SketchBatch:
     sketches: torch.Tensor        # (batch, dim) float32
     self_influence: torch.Tensor  # (batch,) float64, exact ||W(z)||^2
     gradient_norm: torch.Tensor   # (batch,) float64, exact ||G(z)|| over tracked modules
+    whitened: Optional[torch.Tensor] = None  # (batch, D) float32: +-W(z) itself, when asked for (the refine tier)
 
 
 class Sketcher:
@@ -83,13 +85,21 @@ class Sketcher:
         buckets, _ = bucket_and_sign(name, flat.shape[1], self.dim, self.seed, flat.device)
         sketch.index_add_(1, buckets, flat)
 
-    def sketch_io(self, io: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> SketchBatch:
-        """Sketches, exact self-influences and gradient norms of a batch, from each module's captured (a, s)."""
+    @property
+    def whitened_dim(self) -> int:
+        """D: the numbers in W(z), all tracked modules together (what the refine tier stores per sequence)."""
+        return sum(v.numel() for v in self.signed_inverse_sqrt.values())
+
+    def sketch_io(self, io: dict[str, tuple[torch.Tensor, torch.Tensor]], whitened: bool = False) -> SketchBatch:
+        """Sketches, exact self-influences and gradient norms of a batch, from each module's captured (a, s); with
+        `whitened`, also W(z) itself, module after module, each entry times its hash sign (signs cancel in <W(q), W(z)>
+        when the queries' come from `whiten_rotated`)."""
         first = next(iter(io.values()))[0]
         dtype = next(iter(self.signed_inverse_sqrt.values())).dtype
         sketch = torch.zeros(first.shape[0], self.dim, dtype=dtype, device=first.device)
         self_influence = torch.zeros(first.shape[0], dtype=torch.float64)
         squared_norm = torch.zeros(first.shape[0], dtype=torch.float64)
+        parts = []
         for name in self.modules:
             a, s = io[name]
             f = self.factors.modules[name]
@@ -98,7 +108,16 @@ class Sketcher:
             signed = rotated.mul_(self.signed_inverse_sqrt[name])  # +-W in place: G' is not needed any more
             self_influence += _squared_norms(signed)
             self._hash_into(sketch, name, signed)
-        return SketchBatch(sketch.float(), self_influence, squared_norm.sqrt())
+            if whitened:
+                parts.append(signed.flatten(1).float())
+        return SketchBatch(sketch.float(), self_influence, squared_norm.sqrt(), torch.cat(parts, 1) if whitened else None)
+
+    def whiten_rotated(self, rotated: dict[str, torch.Tensor]) -> np.ndarray:
+        """+-W(V) (n, D) float32 of gradients already in the eigenbasis, in the order and with the signs of `sketch_io`'s
+        `whitened`: the queries' side of the refine tier."""
+        dtype = next(iter(self.signed_inverse_sqrt.values())).dtype
+        return torch.cat([(rotated[name].to(dtype) * self.signed_inverse_sqrt[name]).flatten(1).float() for name in self.modules],
+                         1).cpu().numpy()
 
     def sketch_rotated(self, rotated: dict[str, torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
         """Sketches (n, dim) float32 and exact ||W(V)|| (n,) float64 of gradients already in the eigenbasis

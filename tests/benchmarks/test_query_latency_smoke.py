@@ -47,4 +47,10 @@ def test_query_latency_quick(run_quick):
         assert all(math.isfinite(r) and r > 0 for r in kron["ratio_to_engine_p50"].values())
         subset = result["peers"]["subset"]
         assert subset["engine"]["max_error_over_max_abs_score"] < 1e-4
-    assert "| rows | candidates/sign |" in stdout
+    for name, tier in result["tiers"].items():  # the refine tier's answers are exact scores, with few exact re-ranks
+        for depth, r in tier["by_depth"].items():
+            assert r["max_error_over_max_abs_score"] < 1e-4, (name, depth, r)
+        if "refine" in name:
+            assert tier["bytes_per_doc"]["refine tier (read at the candidates)"] > 0
+            assert all(r["reranked"]["p50"] <= 2 * settings["top_k"] + 8 for r in tier["by_depth"].values()), tier
+    assert "| rows | candidates/sign |" in stdout and "| tiers |" in stdout

@@ -77,6 +77,16 @@ def test_resume_with_other_settings_is_refused(llama_dir, ekfac_dir, corpus_dir,
         build(llama_dir, ekfac_dir, corpus_dir, tmp_path, sketch_dim=16)
 
 
+def test_an_index_from_before_a_setting_existed_counts_as_built_with_its_default(llama_dir, ekfac_dir, corpus_dir, tmp_path):
+    build(llama_dir, ekfac_dir, corpus_dir, tmp_path, sketch_dim=8)
+    saved = json.loads((tmp_path / "args.json").read_text())
+    del saved["args"]["refine"]  # as an index written before --refine existed
+    (tmp_path / "args.json").write_text(json.dumps(saved))
+    assert build(llama_dir, ekfac_dir, corpus_dir, tmp_path, sketch_dim=8) == tmp_path  # reused as it is
+    with pytest.raises(InfluenceError, match="refine: saved False vs now True"):
+        build(llama_dir, ekfac_dir, corpus_dir, tmp_path, sketch_dim=8, refine=True)
+
+
 def test_factors_fitted_on_a_sample_index_the_whole_corpus(llama_dir, corpus_file, corpus_dir, tmp_path):
     lines = corpus_file.read_text().splitlines()
     sample = tmp_path / "sample.jsonl"

@@ -113,7 +113,8 @@ def test_search_both_signs_equals_searching_q_and_minus_q(factory):
     assert (np.diff(high_scores, axis=1) <= 0).all() and (np.diff(low_scores, axis=1) >= 0).all()
 
 
-def test_store_scan_equals_brute_force_over_the_stored_rows(monkeypatch):
+@pytest.mark.parametrize("num_queries", [1, 4, 6])  # FAISS's 4-bit scalar quantizer up to 4 queries, the bfloat16 GEMMs above
+def test_store_scan_equals_brute_force_over_the_stored_rows(monkeypatch, num_queries):
     import indexes.search as search
 
     monkeypatch.setattr(search, "_SCAN_BLOCK", 97)  # many blocks, one partial
@@ -121,7 +122,7 @@ def test_store_scan_equals_brute_force_over_the_stored_rows(monkeypatch):
     rng = np.random.default_rng(1)
     sketches = rng.standard_normal((1000, 25)) * rng.uniform(0.1, 10, (1000, 1))  # an odd dimension: one padded nibble
     store = SketchStore(*encode_sketches(sketches), 25)
-    queries = rng.standard_normal((4, 25)).astype(np.float32)
+    queries = rng.standard_normal((num_queries, 25)).astype(np.float32)
     (high, high_ids), (low, low_ids) = search_both_signs(store, queries, 15)
     stored = store.decode(slice(None)).astype(np.float64)
     scores = queries.astype(np.float64) @ stored.T  # (q, n)
@@ -135,3 +136,6 @@ def test_store_scan_equals_brute_force_over_the_stored_rows(monkeypatch):
         assert (np.diff(sign * got, axis=1) <= tolerance).all()  # best first
         exact = np.argsort(-sign * scores, axis=1, kind="stable")[:, :15]
         assert np.mean([len(set(a) & set(b)) / 15 for a, b in zip(found, exact)]) >= 0.9
+        if num_queries <= search._FAISS_SCAN_MAX_QUERIES:  # float32 throughout: the exact order and scores
+            np.testing.assert_array_equal(found, exact)
+            np.testing.assert_allclose(got, np.take_along_axis(scores, exact, 1), rtol=1e-5, atol=1e-5)
