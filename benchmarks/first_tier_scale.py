@@ -150,12 +150,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--fold-dim", type=int, default=None, help="numbers the sketches are folded to (default 256)")
+    parser.add_argument("--pq-bytes", type=int, default=None, help="bytes of PQ code per row (default 32)")
     parser.add_argument("--work-dir", type=Path, default=common.WORK / "query_latency")
     parser.add_argument("--out", type=Path, default=None)
     ns = parser.parse_args(argv)
     settings = QUICK if ns.quick else Settings()
     if ns.rows:
         settings = dataclasses.replace(settings, num_rows=ns.rows)
+    for name in ("fold_dim", "pq_bytes"):
+        if getattr(ns, name):
+            settings = dataclasses.replace(settings, **{name: getattr(ns, name)})
     facts = common.machine_facts()
     setup = query_latency.prepare(query_latency.QUICK if ns.quick else query_latency.DEFAULT, ns.work_dir)
     store = load_sketch_store(setup.index_dir)
