@@ -56,6 +56,7 @@ from indexes.build import build_index  # noqa: E402
 from indexes.engine import QueryEngine  # noqa: E402
 from influence import CorpusArgs, FactorArgs, IndexArgs, QueryArgs, ScoreArgs, compute_scores, fit_factors  # noqa: E402
 from influence import load_sequences, prepare_corpus  # noqa: E402
+from influence.arguments import DEFAULT_CANDIDATES  # noqa: E402
 from influence.artifacts import read_json, read_manifest, references, write_json, write_manifest, write_parquet  # noqa: E402
 from influence.models import load_tokenizer  # noqa: E402
 from influence.queries import tokenize_query  # noqa: E402
@@ -78,7 +79,7 @@ class Settings:
     warmup: int = 2
     top_k: int = 10
     latency_depths: tuple = (50, 100, 200)
-    tier_depths: tuple = (100, 200, 400)
+    tier_depths: tuple = (200, 400, 1000)  # the store's default depth, and the refine tier's (QueryArgs.depth)
     tier_sketch_dims: tuple = (8192, 4096)  # the stores the refine tier stands on: 4 and 2 KiB per document
     recall_depths: tuple = (10, 50, 100, 200, 500)
     variant_queries: int = 8
@@ -244,7 +245,8 @@ def time_queries(configs: dict[str, tuple[QueryEngine, QueryArgs]], queries: lis
     summaries = {name: {"wall": common.percentiles(walls[name]),
                         "stages": {stage: common.percentiles(r.seconds[stage] for r in results[name])
                                    for stage in results[name][0].seconds},
-                        "reranked": common.percentiles(r.num_candidates for r in results[name])} for name in configs}
+                        "reranked": common.percentiles(r.num_candidates for r in results[name]),
+                        "refine_rows_read": common.percentiles(r.refined for r in results[name])} for name in configs}
     return summaries, results
 
 
@@ -295,22 +297,27 @@ def variants(settings: Settings, engine: QueryEngine, setup: Setup) -> dict:
     return time_queries(configs, setup.queries[: settings.variant_queries], setup.warmup[:1])[0]
 
 
-def many_queries(settings: Settings, engine: QueryEngine, setup: Setup, counts: tuple = (1, 6, 32)) -> dict:
-    """Seconds per query when `n` queries go in one `engine.query` call (they share the search and the re-rank
-    batches), against the same queries one call each; the queries cycle through the benchmark's with fresh ids."""
+def many_queries(settings: Settings, engine: QueryEngine, setup: Setup, counts: tuple = (1, 6, 32), repeats: int = 3) -> dict:
+    """Seconds per query when `n` queries go in one `engine.query` call (they share the query gradients' pass, the search
+    call and the re-rank batches), against the same queries one call each, alternated `repeats` times (medians: one
+    run of each is at the mercy of a shared machine); the queries cycle through the benchmark's with fresh ids."""
     args = QueryArgs(top_k=settings.top_k)
     pool = [dataclasses.replace(setup.queries[i % len(setup.queries)], query_id=f"many-{i}") for i in range(max(counts))]
     engine.query(setup.warmup[:1], args)
     out = {}
     for n in counts:
-        batch = pool[:n]
-        with common.Timer() as together:
-            engine.query(batch, args)
-        with common.Timer() as apart:
-            for query in batch:
-                engine.query([query], args)
-        out[str(n)] = {"seconds_per_query_in_one_call": together.seconds / n, "seconds_per_query_one_call_each": apart.seconds / n,
-                       "ratio": together.seconds / apart.seconds}
+        batch, together, apart = pool[:n], [], []
+        for _ in range(repeats):
+            with common.Timer() as timer:
+                engine.query(batch, args)
+            together.append(timer.seconds)
+            with common.Timer() as timer:
+                for query in batch:
+                    engine.query([query], args)
+            apart.append(timer.seconds)
+        out[str(n)] = {"seconds_per_query_in_one_call": float(np.median(together)) / n,
+                       "seconds_per_query_one_call_each": float(np.median(apart)) / n,
+                       "ratio": float(np.median(together) / np.median(apart)), "repeats": repeats}
     return out
 
 
@@ -430,13 +437,13 @@ def markdown(result: dict) -> str:
         for d, r in result["rerank_exactness"].items()))
     nr = result["no_rerank"]
     lines.append(f"--no-rerank: p50 {nr['wall']['p50']:.3f}s, recall@10 {nr['recall_at_k']['+']:.2f}/{nr['recall_at_k']['-']:.2f}")
-    lines += ["", "| tiers | store B/doc | refine B/doc | candidates/sign | p50 s | p95 s | re-ranked p50 | recall@10 +/- |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| tiers | store B/doc | refine B/doc | candidates/sign | p50 s | p95 s | refine rows read p50 | re-ranked p50 | recall@10 +/- |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, tier in result["tiers"].items():
         size = tier["bytes_per_doc"]
         for depth, r in [*tier["by_depth"].items(), ("no re-rank", tier["no_rerank"])]:
             lines.append(f"| {name} | {size['store (read whole by every query)']:,.0f} | {size['refine tier (read at the candidates)']:,.0f} | "
-                         f"{depth} | {r['wall']['p50']:.3f} | {r['wall']['p95']:.3f} | {r['reranked']['p50']:.0f} | "
+                         f"{depth} | {r['wall']['p50']:.3f} | {r['wall']['p95']:.3f} | {r['refine_rows_read']['p50']:.0f} | {r['reranked']['p50']:.0f} | "
                          f"{r['recall_at_k']['+']:.2f}/{r['recall_at_k']['-']:.2f} |")
     kron = result["peers"].get("kronfluence", {})
     if kron.get("status") == "ok":
@@ -475,7 +482,7 @@ def run(settings: Settings, peers: list[str], work_dir: Path, threads: int) -> d
     result["bm25_answers"] = timed("bm25_answers", bm25_answers, settings, engines[str(n)], setup, exact)
     result["peers"] = {}
     if "kronfluence" in peers:
-        default = str(QueryArgs().candidates)
+        default = str(DEFAULT_CANDIDATES)
         p50 = {size: by_depth[default]["wall"]["p50"] for size, by_depth in result["latency"].items() if default in by_depth}
         result["peers"]["kronfluence"] = timed("kronfluence", kronfluence_peer, setup, settings, p50, exact)
     if peers:

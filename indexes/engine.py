@@ -5,11 +5,12 @@
 so both signs are found), from BM25 over the sequences' text (the paper's TF-IDF baseline), or from a full scan.
 Candidates are then scored exactly, index candidates best-first, stopping a sign once the sketch noise rules out
 the rest (`QueryArgs.adaptive`), since the forward and backward pass of each candidate is most of a query's time.
-An index built with a refine tier (`IndexArgs.refine`) orders the candidates by their float16 whitened gradients first:
-those scores are off by at most a bound, not a noise, so the re-rank scores exactly little more than the top k.
-Per-token scores come with the re-rank, for the queries whose candidates a sequence is (a GEMM per such query,
-sequence and module: far less than a second forward and backward pass over the returned documents); a document
-returned for a query whose pool did not bring it in, and a full scan's answers, are scored again, per token.
+An index built with a refine tier (`IndexArgs.refine`) orders the candidates by their float16 whitened gradients first
+(read best sketch score first, while a candidate can still enter the top k): those scores are off by at most a bound,
+not a noise, so the re-rank scores exactly little more than the top k. A sequence is scored for the queries whose
+candidates it is, so a query answers the same alone or with others.
+Per-token scores come with the re-rank (a GEMM per query, sequence and module: far less than a second forward and
+backward pass over the returned documents); a full scan's answers are scored again, per token.
 """
 
 from __future__ import annotations
@@ -172,7 +173,9 @@ class QueryEngine:
                     documents.append(self._document(query, sign, rank, seq_id, scored.scores[qi, col], scored.per_module[:, qi, col],
                                                     tokens, float(estimate)))
             completion = token_texts(self.tokenizer, tokenized[qi].completion_ids)
-            results.append(QueryResult(query, completion, documents, args.generator, len(union), dict(seconds)))
+            scored_here = int(np.count_nonzero(~np.isnan(scored.scores[qi])))  # sequences scored exactly for this query
+            results.append(QueryResult(query, completion, documents, args.generator, scored_here, dict(seconds),
+                                       refined=_refined(pools[qi])))
         return results
 
     def _sketch_scores(self, sketch: np.ndarray, seq_ids: np.ndarray) -> np.ndarray:
@@ -194,14 +197,14 @@ class QueryEngine:
             for rank, (seq_id, score) in enumerate(kept, start=1):
                 documents.append(self._document(query, sign, rank, int(seq_id), float(score), [], None, float(score)))
         completion = token_texts(self.tokenizer, tokenized.completion_ids)
-        return QueryResult(query, completion, documents, args.generator, 0, dict(seconds), exact=False)
+        return QueryResult(query, completion, documents, args.generator, 0, dict(seconds), exact=False, refined=_refined(pools))
 
     def _candidates(self, queries, sketches: np.ndarray, query_norms: np.ndarray, args,
                     whitened: Optional[np.ndarray] = None) -> list[tuple["CandidatePool", "CandidatePool"]]:
         """Per query: (positive, negative) candidate pools, best first, with the index's scores and their slack where known;
         with `whitened` queries, ordered by the refine tier's scores with its error bounds."""
         n = len(self.seq_ids)
-        depth = min(args.candidates if args.rerank or whitened is not None else args.top_k, n)
+        depth = min(args.depth(whitened is not None) if args.rerank or whitened is not None else args.top_k, n)
         if args.generator == "exact":
             return [(CandidatePool(self.seq_ids),) * 2 for _ in queries]
         if args.generator == "bm25":
@@ -219,17 +222,40 @@ class QueryEngine:
             for direction, ids, scores in ((1.0, top_ids[qi], top_scores[qi]), (-1.0, low_ids[qi], low_scores[qi])):
                 found = ids >= 0
                 ids, scores = ids[found], scores[found].astype(np.float64)
-                if whitened is not None:  # the refine tier's scores, off by at most their bounds
-                    scores = self.refine.scores(whitened[qi : qi + 1], ids)[0]
-                    slack = self.refine.error_bound(whitened[qi : qi + 1], ids, self.document_norms[ids])[0]
-                    order = np.argsort(-direction * scores, kind="stable")
-                    ids, scores, slack = ids[order], scores[order], slack[order]
-                else:  # the count sketch's noise and the store's 4-bit rounding, independent: a few standard deviations
-                    slack = args.stop_margin * np.hypot(self.sketcher.noise_scale(query_norms[qi], self.document_norms[ids]),
-                                                        self.store.rounding_noise(sketch_norms[qi], ids))
-                pair.append(CandidatePool(self.seq_ids[ids], scores, slack if adaptive else None, bounded=whitened is not None))
+                # the count sketch's noise and the store's 4-bit rounding, independent: a few standard deviations
+                slack = args.stop_margin * np.hypot(self.sketcher.noise_scale(query_norms[qi], self.document_norms[ids]),
+                                                    self.store.rounding_noise(sketch_norms[qi], ids))
+                if whitened is not None:
+                    pair.append(self._refined_pool(whitened[qi : qi + 1], direction, ids, scores, slack, args))
+                else:
+                    pair.append(CandidatePool(self.seq_ids[ids], scores, slack if adaptive else None))
             pools.append(tuple(pair))
         return pools
+
+    def _refined_pool(self, whitened: np.ndarray, direction: float, ids: np.ndarray, sketch_scores: np.ndarray,
+                      sketch_slack: np.ndarray, args: QueryArgs) -> "CandidatePool":
+        """One (query, sign)'s candidates ordered by the refine tier's scores, with their bounds as slack.
+
+        Reading a refine row costs what scanning ~50 store rows does (2 bytes per whitened number), so with `adaptive`
+        the rows are read best sketch score first, in rounds, and a candidate is read only while its sketch score plus
+        slack reaches the k-th best refine score minus its bound: a candidate left unread could enter the top k only by
+        a sketch error beyond stop_margin standard deviations, the rule the sketch's own adaptive re-rank follows."""
+        scores, bounds = np.full(len(ids), np.nan), np.full(len(ids), np.nan)
+        read = np.zeros(len(ids), bool)
+        step = max(4 * args.top_k, 16)  # the top k and their likely rivals in one read
+        wanted = np.arange(min(step, len(ids))) if args.adaptive else np.arange(len(ids))
+        while len(wanted):
+            scores[wanted] = self.refine.scores(whitened, ids[wanted])[0]
+            bounds[wanted] = self.refine.error_bound(whitened, ids[wanted], self.document_norms[ids[wanted]])[0]
+            read[wanted] = True
+            lower = np.sort(direction * scores[read] - bounds[read])
+            kth = lower[-args.top_k] if len(lower) >= args.top_k else -np.inf
+            step *= 2
+            wanted = np.flatnonzero(~read & (direction * sketch_scores + sketch_slack >= kth))[:step]
+        ids, scores, bounds = ids[read], scores[read], bounds[read]
+        order = np.argsort(-direction * scores, kind="stable")
+        return CandidatePool(self.seq_ids[ids[order]], scores[order], bounds[order] if args.rerank and args.adaptive else None,
+                             bounded=True)
 
     def _rerank(self, prepared, pools: list[tuple["CandidatePool", "CandidatePool"]], args: QueryArgs) -> "ExactScores":
         """Exact scores of the candidates, in rounds over every open (query, sign).
@@ -240,7 +266,9 @@ class QueryEngine:
         candidate could still enter its top k, i.e. its index score plus slack (in that sign's direction) reaches the
         k-th best exact score so far; the next round scores those, best first, twice as many as the round before at
         most. For a sketch pool the slack is stop_margin standard deviations of its noise: a document of the exact top k
-        is missed when its sketch score is that far off (a refine pool's bound never is). Every exactly scored sequence counts, whichever pool brought it in.
+        is missed when its sketch score is that far off (a refine pool's bound never is). A sequence is scored for the
+        queries whose pools want it, not against every query of the call: a query's answer is the same alone or in a
+        batch, and a batch of queries with different candidates costs what they cost apart, less the shared passes.
         Pools without slack (BM25, a full scan, `adaptive` off) are scored whole in the first round.
         """
         # Per-token scores cost a GEMM per sequence and module for each query whose pool brought the sequence in (one
@@ -253,15 +281,15 @@ class QueryEngine:
         wanted = {(qi, sign): pools[qi][sign].first_round(1.0 if sign == 0 else -1.0, args.top_k, step)
                   for qi in range(len(pools)) for sign in (0, 1)}
         while wanted:
-            owners: dict[int, set] = {}  # sequence -> the queries whose pools want it
+            owners: dict[int, set] = {}  # sequence -> the queries whose pools want it scored, and do not have it yet
             for (qi, _), ids in wanted.items():
-                for seq_id in ids.tolist():
+                for seq_id in ids[~scored.has(qi, ids)].tolist():
                     owners.setdefault(seq_id, set()).add(qi)
-            new = [s for s in owners if s not in scored.column]
-            if new:
-                scores, per_module, tokens = self._score(prepared, np.asarray(new, np.int64), per_token, args.batch_tokens,
-                                                         [owners[s] for s in new] if len(pools) > 1 else None)
-                scored.add(np.asarray(new, np.int64), scores, per_module, tokens)
+            if owners:
+                # grouped by query: a batch then scores each query's sequences as one run (`score_batch`'s pairs)
+                new = np.asarray(sorted(owners, key=lambda seq_id: min(owners[seq_id])), np.int64)
+                every = all(len(queries) == len(pools) for queries in owners.values())
+                scored.add(new, *self._score(prepared, new, per_token, args.batch_tokens, None if every else list(owners.values())))
             step *= 2  # few rounds: each costs a partly filled batch per (query, sign)
             wanted = {}
             for qi, pair in enumerate(pools):
@@ -269,10 +297,9 @@ class QueryEngine:
                     if pool.slack is None:
                         continue
                     direction = 1.0 if sign == 0 else -1.0
-                    exact = np.sort(direction * scored.scores[qi])
-                    unscored = np.fromiter((s not in scored.column for s in pool.seq_ids), bool, len(pool.seq_ids))
+                    exact = np.sort(direction * scored.scores[qi][~np.isnan(scored.scores[qi])])
                     kth = exact[-args.top_k] if len(exact) >= args.top_k else -np.inf
-                    hopeful = unscored & (direction * pool.scores + pool.slack >= kth)
+                    hopeful = ~scored.has(qi, pool.seq_ids) & (direction * pool.scores + pool.slack >= kth)
                     if hopeful.any():
                         wanted[(qi, sign)] = pool.seq_ids[hopeful][:step]
         return scored
@@ -291,9 +318,9 @@ class QueryEngine:
         return [self.sequences["seq_id"].to_numpy()[row] for row in ids]
 
     def _score(self, prepared: dict[str, Prepared], seq_ids: np.ndarray, per_token: bool, batch_tokens: int,
-               token_queries: Optional[list] = None):
+               pairs: Optional[list] = None):
         """Exact scores of the given sequences: (queries, n), (modules, queries, n), and per token a list of (queries, tokens);
-        with `token_queries` (per sequence, the queries whose per-token scores are wanted), NaN rows for the others."""
+        with `pairs` (per sequence, the queries to score it against), NaN for the other pairs."""
         sequences = [self.input_ids[int(s)].as_py() for s in seq_ids]
         num_queries = next(iter(prepared.values()))
         num_queries = (num_queries[0] if isinstance(num_queries, tuple) else num_queries).shape[0]
@@ -301,15 +328,12 @@ class QueryEngine:
         tokens: list = [None] * len(seq_ids)
         for positions in plan_batches([len(ids) for ids in sequences], batch_tokens):
             batch = make_token_batch([sequences[i] for i in positions], device=self.args.device)
-            wanted = None if token_queries is None else [token_queries[i] for i in positions]
-            result = score_batch(self.loaded, prepared, batch, per_token, token_queries=wanted)
+            result = score_batch(self.loaded, prepared, batch, per_token, pairs=None if pairs is None else [pairs[i] for i in positions])
             scores[:, positions] = result.total.double().cpu().numpy()
             per_module[:, :, positions] = result.per_module.double().cpu().numpy()
             if per_token:
                 for j, i in enumerate(positions):
                     tokens[i] = result.per_token[:, j, : len(sequences[i])].double().cpu().numpy()
-                    if wanted is not None:
-                        tokens[i][[q for q in range(num_queries) if q not in wanted[j]]] = np.nan
         return scores, per_module, (tokens if per_token else None)
 
     def _document(self, query, sign, rank, seq_id, score, module_scores, token_scores, sketch_score) -> DocumentInfluence:
@@ -321,6 +345,10 @@ class QueryEngine:
             text=row["text"], tokens=token_texts(self.tokenizer, row["input_ids"]) if token_scores is not None else [],
             token_scores=[] if token_scores is None else [float(v) for v in token_scores], sketch_score=sketch_score,
         )
+
+
+def _refined(pools: tuple["CandidatePool", "CandidatePool"]) -> int:
+    return sum(len(pool.seq_ids) for pool in pools if pool.bounded)  # a refine pool holds the candidates whose rows were read
 
 
 @dataclass
@@ -346,30 +374,38 @@ class CandidatePool:
 
 
 class ExactScores:
-    """Exact scores of the sequences re-ranked so far, one column per sequence in the order scored."""
+    """Exact scores of the (query, sequence) pairs re-ranked so far: one column per sequence, in the order first scored;
+    NaN for a pair not (yet) scored."""
 
     def __init__(self, num_queries: int, num_modules: int, per_token: bool = False):
         self.order: list[int] = []
         self.column: dict[int, int] = {}
-        self._scores: list[np.ndarray] = []
-        self._per_module: list[np.ndarray] = []
+        self.scores = np.zeros((num_queries, 0))                    # (queries, sequences)
+        self.per_module = np.zeros((num_modules, num_queries, 0))   # (modules, queries, sequences)
         self.tokens: Optional[list[np.ndarray]] = [] if per_token else None  # by column: (queries, tokens)
-        self.num_queries, self.num_modules = num_queries, num_modules
 
     def add(self, seq_ids: np.ndarray, scores: np.ndarray, per_module: np.ndarray, tokens: Optional[list] = None) -> None:
-        for s in seq_ids:
-            self.column[int(s)] = len(self.order)
-            self.order.append(int(s))
-        self._scores.append(scores)
-        self._per_module.append(per_module)
+        """Scores of `seq_ids` (queries, n), NaN where a pair was not scored; pairs scored before are kept."""
+        new = [int(s) for s in seq_ids if int(s) not in self.column]
+        for s in new:
+            self.column[s] = len(self.order)
+            self.order.append(s)
+        nan = lambda shape: np.full(shape, np.nan)  # noqa: E731
+        self.scores = np.concatenate([self.scores, nan((self.scores.shape[0], len(new)))], axis=1)
+        self.per_module = np.concatenate([self.per_module, nan((*self.per_module.shape[:2], len(new)))], axis=2)
+        columns = np.asarray([self.column[int(s)] for s in seq_ids], np.int64)
+        fresh = ~np.isnan(scores)  # (queries, n)
+        self.scores[:, columns] = np.where(fresh, scores, self.scores[:, columns])
+        self.per_module[:, :, columns] = np.where(fresh, per_module, self.per_module[:, :, columns])
         if self.tokens is not None:
-            self.tokens.extend(tokens)
+            self.tokens.extend([None] * len(new))
+            for j, column in enumerate(columns):
+                held = self.tokens[column]
+                self.tokens[column] = tokens[j] if held is None else np.where(fresh[:, j, None], tokens[j], held)
 
-    @property
-    def scores(self) -> np.ndarray:  # (queries, scored)
-        return np.concatenate(self._scores, axis=1) if self._scores else np.zeros((self.num_queries, 0))
-
-    @property
-    def per_module(self) -> np.ndarray:  # (modules, queries, scored)
-        return np.concatenate(self._per_module, axis=2) if self._per_module else np.zeros((self.num_modules, self.num_queries, 0))
-
+    def has(self, query: int, seq_ids: np.ndarray) -> np.ndarray:
+        """Whether each of `seq_ids` has an exact score for `query`."""
+        columns = np.fromiter((self.column.get(int(s), -1) for s in seq_ids), np.int64, len(seq_ids))
+        held = columns >= 0
+        held[held] = ~np.isnan(self.scores[query, columns[held]])
+        return held

@@ -21,16 +21,16 @@ LOG = logging.getLogger(__name__)
 
 # Rows scored at once by the oracle: bounds its float64 scratch to (q, 16384) scores.
 _EXACT_CHUNK = 16384
-# Rows of the store decoded and scored per GEMM: their bfloat16 planes stay in cache (measured fastest on 2 cores)
-_SCAN_BLOCK = 256
+# Rows of the store decoded and scored per GEMM: their float32 planes stay in cache
+_SCAN_BLOCK = 128
 # Rows whose scores are held before the best k of each end are kept: bounds a scan's scratch to (q, 32768) floats
 _SCAN_CHUNK = 32768
 # A stored entry is round(x / step) in -CODE_LEVELS..CODE_LEVELS, kept as the nibble code = that + CODE_LEVELS
 CODE_LEVELS = 7
 # Up to this many queries a scan goes through FAISS's 4-bit scalar quantizer (SIMD decoding, one pass over the codes per
-# query: 2.6x faster than the bfloat16 GEMMs for one query, 1.2x for eight, on this machine); from about twelve the
-# GEMMs, which decode once for all queries, are faster.
-_FAISS_SCAN_MAX_QUERIES = 10
+# query: about 2x faster than the float32 GEMMs for one query on this machine, even at four); from about six the GEMMs,
+# which decode once for all queries, are faster (2x at six, 3-4x at 32). Both are float32.
+_FAISS_SCAN_MAX_QUERIES = 4
 # Refine-tier rows converted to float32 per GEMM: a block of 16 whitened gradients stays in cache (measured fastest)
 _REFINE_BLOCK = 16
 # float16 keeps 11 significant bits: a stored entry is within 2^-11 of its value relative (normal range) or 2^-25
@@ -217,11 +217,11 @@ def tiered_both_signs(index: faiss.Index, store: "SketchStore", queries: np.ndar
 def scan_both_signs(store: SketchStore, queries: np.ndarray, k: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """The k highest and k lowest inner products of each query with every stored sketch: an exact scan of the store.
 
-    Blocks of rows are decoded to bfloat16 (the codes are small integers, exact in bfloat16) and scored with two
-    GEMMs each, one per nibble plane, in torch (which honours the thread setting of a query); the queries' bfloat16
-    rounding moves a score by about 3e-3 of the largest, far below the sketch's own noise. Only the best k of each
-    end are kept between chunks of rows. Up to ten queries go through FAISS's 4-bit scalar quantizer instead (float32,
-    no query rounding), which decodes with SIMD.
+    Blocks of rows are decoded to float32 (the codes are small integers, exact) and scored with two GEMMs each, one
+    per nibble plane, in torch (which honours the thread setting of a query); only the best k of each end are kept
+    between chunks of rows. Up to four queries go through FAISS's 4-bit scalar quantizer instead, which decodes with
+    SIMD but reads the codes once per query. Both paths compute in float32: a query's scores do not depend on the
+    queries it is scanned with, beyond the order of a float32 sum.
     """
     queries = _as_queries(queries, store.d)
     if k < 1:
@@ -230,22 +230,20 @@ def scan_both_signs(store: SketchStore, queries: np.ndarray, k: int) -> tuple[tu
     if len(queries) <= _FAISS_SCAN_MAX_QUERIES:
         return _faiss_scan_both_signs(store, queries, k)
     half = store.codes.shape[1]
-    rms = np.sqrt(np.mean(np.square(queries, dtype=np.float64), axis=1)).astype(np.float32)
-    rms[rms == 0] = 1.0
     padded = np.zeros((len(queries), 2 * half), np.float32)
-    padded[:, : store.d] = queries / rms[:, None]
-    low_plane = torch.from_numpy(padded[:, :half]).bfloat16()   # (q, half): entries 0..half-1
-    high_plane = torch.from_numpy(padded[:, half:]).bfloat16()  # (q, half): entries half..2 half-1
+    padded[:, : store.d] = queries
+    low_plane = torch.from_numpy(padded[:, :half])   # (q, half): entries 0..half-1
+    high_plane = torch.from_numpy(padded[:, half:])  # (q, half): entries half..2 half-1
     ends = [(np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)) for _ in range(2)]
     for chunk_start in range(0, store.ntotal, _SCAN_CHUNK):
         chunk_stop = min(chunk_start + _SCAN_CHUNK, store.ntotal)
         scores = np.empty((len(queries), chunk_stop - chunk_start), np.float32)
         for start in range(chunk_start, chunk_stop, _SCAN_BLOCK):
             block = _read_only_tensor(store.codes[start : min(start + _SCAN_BLOCK, chunk_stop)])  # (b, half) uint8
-            low = ((block & 15).view(torch.int8) - CODE_LEVELS).bfloat16()
-            high = ((block >> 4).view(torch.int8) - CODE_LEVELS).bfloat16()
-            scores[:, start - chunk_start : start - chunk_start + block.shape[0]] = (low_plane @ low.T + high_plane @ high.T).float().numpy()
-        scores *= rms[:, None] * store.steps[chunk_start:chunk_stop]
+            low = ((block & 15).view(torch.int8) - CODE_LEVELS).float()
+            high = ((block >> 4).view(torch.int8) - CODE_LEVELS).float()
+            scores[:, start - chunk_start : start - chunk_start + block.shape[0]] = (low_plane @ low.T + high_plane @ high.T).numpy()
+        scores *= store.steps[chunk_start:chunk_stop]
         ids = np.broadcast_to(np.arange(chunk_start, chunk_stop), scores.shape)
         for side, sign in enumerate((1.0, -1.0)):
             kept_scores, kept_ids = ends[side]

@@ -28,7 +28,7 @@ def layer_scores(module_scores: dict[str, float]) -> dict[str, float]:
     return dict(sorted(layers.items()))
 
 
-# tokenizer -> {token id: its text alone}: a query shows a few thousand tokens, of a vocabulary's most common few
+# tokenizer -> {token id, or a span of up to 4 ids: its text}: a query shows a few thousand tokens, of a vocabulary's most common few
 _PIECES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -37,12 +37,12 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
     pieces = _PIECES.setdefault(tokenizer, {})
     texts, start = [], 0
     for i in range(len(ids)):
-        if start == i:  # a token alone: decoded once per tokenizer (transformers' decode costs ~15 us a call)
-            piece = pieces.get(ids[i])
-            if piece is None:
-                piece = pieces[ids[i]] = tokenizer.decode(ids[i : i + 1], skip_special_tokens=False)
-        else:
-            piece = tokenizer.decode(ids[start : i + 1], skip_special_tokens=False)
+        # a token alone, or the bytes of a character split over a few: decoded once per tokenizer (transformers' decode
+        # costs ~15 us a call, and Korean text splits most of its characters)
+        key = ids[i] if start == i else tuple(ids[start : i + 1])
+        piece = pieces.get(key)
+        if piece is None:
+            piece = pieces[key] = tokenizer.decode(ids[start : i + 1], skip_special_tokens=False)
         if piece.endswith("\ufffd") and i + 1 < len(ids) and i + 1 - start < 4:
             texts.append("")
             continue
@@ -84,6 +84,7 @@ class QueryResult:
     num_candidates: int                # sequences scored exactly (0 when ranked by sketch scores only)
     seconds: dict[str, float]
     exact: bool = True                 # False: scores are sketch estimates, without breakdowns
+    refined: int = 0                   # candidates ordered by the index's refine tier (its rows read), both signs
 
     @property
     def positive(self) -> list[DocumentInfluence]:
@@ -95,4 +96,5 @@ class QueryResult:
 
     def to_dict(self) -> dict:
         return {"query": asdict(self.query), "completion_tokens": self.completion_tokens, "generator": self.generator,
-                "num_candidates": self.num_candidates, "seconds": self.seconds, "exact": self.exact, "documents": [d.to_dict() for d in self.documents]}
+                "num_candidates": self.num_candidates, "seconds": self.seconds, "exact": self.exact,
+                "refined": self.refined, "documents": [d.to_dict() for d in self.documents]}

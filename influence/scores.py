@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Collection, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -86,11 +86,13 @@ class BatchScores:
 
 
 def score_batch(loaded: LoadedModel, prepared: dict[str, Prepared], batch: TokenBatch, per_token: bool = False,
-                factors: Optional[Factors] = None, token_queries: Optional[Sequence[Sequence[int]]] = None) -> BatchScores:
+                factors: Optional[Factors] = None, pairs: Optional[Sequence[Collection[int]]] = None) -> BatchScores:
     """Exact scores of `batch` against `prepared` queries; with `factors`, also each sequence's self-influence.
 
-    `token_queries` (with `per_token`) names, per sequence of the batch, the queries whose per-token scores are wanted;
-    the others' stay zero and only their totals are computed: a GEMM per wanted (query, sequence) instead of per pair.
+    `pairs` names, per sequence of the batch, the queries to score it against; the other (query, sequence) pairs come
+    back NaN (totals, per module and per token). A pair then costs one GEMM per module, through its per-token scores
+    (kept with `per_token`), where every pair costs one GEMM per sequence and module plus a small one per query: cheaper
+    when each sequence is wanted by one query or two of many, as in a re-rank of several queries' own candidates.
     """
     io, _ = capture_module_io(loaded.model, loaded.modules, batch)
     module_scores, token_scores = [], None
@@ -99,21 +101,26 @@ def score_batch(loaded: LoadedModel, prepared: dict[str, Prepared], batch: Token
         p = prepared[name]
         dtype = p[0].dtype if isinstance(p, tuple) else p.dtype
         a, s = a.to(dtype), s.to(dtype)
-        if per_token and token_queries is not None and not isinstance(p, tuple):
-            contribution = _chosen_token_scores(p, a, s, token_queries)
-            token_scores = contribution if token_scores is None else token_scores + contribution
-            module_scores.append(_module_scores(p, a, s, False))
-            continue
-        contribution = _module_scores(p, a, s, per_token)
-        if per_token:
-            token_scores = contribution if token_scores is None else token_scores + contribution
-            module_scores.append(contribution.sum(-1))
+        if pairs is not None and not isinstance(p, tuple):
+            contribution = _chosen_token_scores(p, a, s, pairs)
         else:
-            module_scores.append(contribution)
+            contribution = _module_scores(p, a, s, per_token)
+        if contribution.dim() == 3:  # per token: (queries, batch, tokens)
+            if per_token:
+                token_scores = contribution if token_scores is None else token_scores + contribution
+            contribution = contribution.sum(-1)
+        module_scores.append(contribution)
         if factors is not None:
             module = factors.modules[name]
             self_scores += self_influence_from_rotated(rotated_gradients(a, s, module.q_a, module.q_s), module).double().cpu()
     per_module = torch.stack(module_scores)  # (modules, queries, batch)
+    if pairs is not None:
+        unscored = torch.ones(per_module.shape[1:], dtype=torch.bool)  # (queries, batch)
+        for j, queries in enumerate(pairs):
+            unscored[list(queries), j] = False
+        per_module[:, unscored.to(per_module.device)] = float("nan")
+        if token_scores is not None:
+            token_scores[unscored.to(token_scores.device)] = float("nan")
     return BatchScores(per_module.sum(0), per_module, token_scores, self_scores)
 
 
@@ -126,17 +133,32 @@ def _module_scores(prepared: Prepared, a: torch.Tensor, s: torch.Tensor, per_tok
     if per_token:
         # s_t^T P a_t for every token: (s @ P) * a summed over d_in, one GEMM per query
         return torch.stack([((s @ p) * a).sum(-1) for p in prepared])  # (queries, batch, tokens)
-    return torch.einsum("qoi,boi->qb", prepared, sequence_gradients(a, s))
+    # one GEMM over flattened gradients: torch.einsum takes a batched path here, twice as slow on CPU
+    return prepared.flatten(1) @ sequence_gradients(a, s).flatten(1).T
 
 
-def _chosen_token_scores(prepared: torch.Tensor, a: torch.Tensor, s: torch.Tensor, token_queries: Sequence[Sequence[int]]) -> torch.Tensor:
-    """s_t^T P a_t (queries, batch, tokens) for the (query, sequence) pairs of `token_queries` only, zero elsewhere."""
+def _chosen_token_scores(prepared: torch.Tensor, a: torch.Tensor, s: torch.Tensor, pairs: Sequence[Collection[int]]) -> torch.Tensor:
+    """s_t^T P a_t (queries, batch, tokens) for the (query, sequence) pairs of `pairs` only, zero elsewhere.
+
+    One GEMM per query and run of consecutive sequences that want it: a run is a view, where gathering a query's rows
+    would copy them (callers order a batch by query, so each query's sequences are mostly one run)."""
     out = torch.zeros(prepared.shape[0], *a.shape[:2], dtype=a.dtype, device=a.device)
     for qi, p in enumerate(prepared):
-        rows = [j for j, wanted in enumerate(token_queries) if qi in wanted]
-        if rows:
-            out[qi, rows] = ((s[rows] @ p) * a[rows]).sum(-1)
+        rows = [j for j, wanted in enumerate(pairs) if qi in wanted]
+        for start, stop in _runs(rows):
+            out[qi, start:stop] = ((s[start:stop] @ p) * a[start:stop]).sum(-1)
     return out
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct integers as half-open runs of consecutive ones: [0, 1, 2, 5] -> [(0, 3), (5, 6)]."""
+    runs: list[tuple[int, int]] = []
+    for row in rows:
+        if runs and runs[-1][1] == row:
+            runs[-1] = (runs[-1][0], row + 1)
+        else:
+            runs.append((row, row + 1))
+    return runs
 
 
 @dataclass

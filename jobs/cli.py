@@ -388,7 +388,7 @@ def compare_options(parser):
     parser.add_argument("--queries", type=path_argument, required=True, help="JSONL queries; translations share a 'group' and differ in 'lang'")
     parser.add_argument("--out", type=path_argument, required=True, help="output directory for tables and plots")
     parser.add_argument("--top-k", type=int, default=10, help="documents compared per query")
-    parser.add_argument("--candidates", type=int, default=200, help="most candidates re-ranked per sign")
+    parser.add_argument("--candidates", type=int, default=None, help=QueryArgs.__dataclass_fields__["candidates"].metadata["help"])
     parser.add_argument("--device", default="cpu", help="torch device of the workers")
     parser.add_argument("--dtype", default="float32", help="model dtype while querying")
     add_run_options(parser)

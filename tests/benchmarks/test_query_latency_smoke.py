@@ -7,7 +7,7 @@ import math
 import pytest
 
 from benchmarks.kronfluence_peer import kronfluence_available
-from influence import QueryArgs
+from influence.arguments import DEFAULT_CANDIDATES
 
 
 @pytest.mark.slow
@@ -23,7 +23,7 @@ def test_query_latency_quick(run_quick):
             assert r["wall"]["n"] == settings["num_queries"]
             assert 0 < r["wall"]["p50"] <= r["wall"]["p95"] < 60, (size, depth, r["wall"])
             assert r["reranked"]["max"] <= 2 * int(depth), (size, depth, r["reranked"])  # at most `depth` per sign
-    default = str(QueryArgs().candidates)
+    default = str(DEFAULT_CANDIDATES)
     for depth, r in result["rerank_exactness"].items():  # the re-rank is exact: it equals a full scan
         assert r["max_error_over_max_abs_score"] < 1e-4, (depth, r)
     assert result["rerank_exactness"][default]["recall_at_k"]["+"] >= 0.8, result["rerank_exactness"][default]

@@ -73,6 +73,35 @@ def test_concurrent_queries_equal_sequential(engine):
     assert all(o == expected for o in outputs)
 
 
+def test_a_query_answers_the_same_alone_and_in_a_batch(engine):
+    # a sequence is scored for the queries whose pools want it, so a batch changes no query's rounds or answer
+    together = engine.query(QUERIES, QueryArgs(top_k=3, candidates=12))
+    for query, batched in zip(QUERIES, together):
+        (alone,) = engine.query([query], QueryArgs(top_k=3, candidates=12))
+        assert [d.seq_id for d in batched.documents] == [d.seq_id for d in alone.documents]
+        assert batched.num_candidates == alone.num_candidates  # the same sequences scored exactly for it
+        assert [d.score for d in batched.documents] == pytest.approx([d.score for d in alone.documents], rel=1e-5, abs=1e-9)
+        for a, b in zip(batched.documents, alone.documents):
+            np.testing.assert_allclose(a.token_scores, b.token_scores, rtol=1e-4, atol=1e-6 * max(np.abs(b.token_scores).max(), 1e-30))
+
+
+def test_exact_scores_keep_each_pair_once_scored():
+    from indexes.engine import ExactScores
+
+    scored = ExactScores(num_queries=2, num_modules=1, per_token=True)
+    nan = np.nan
+    scored.add(np.array([7, 3]), np.array([[1.0, 2.0], [nan, 4.0]]), np.array([[[1.0, 2.0], [nan, 4.0]]]),
+               [np.array([[0.5, 0.5], [nan, nan]]), np.array([[2.0], [4.0]])])
+    assert scored.has(0, np.array([7, 3, 9])).tolist() == [True, True, False]
+    assert scored.has(1, np.array([7, 3])).tolist() == [False, True]
+    # sequence 7 passed again for query 1 (its pool wanted it later): query 0's score is kept, query 1's filled in
+    scored.add(np.array([7]), np.array([[nan], [5.0]]), np.array([[[nan], [5.0]]]), [np.array([[nan, nan], [2.0, 3.0]])])
+    assert scored.order == [7, 3]
+    np.testing.assert_array_equal(scored.scores, [[1.0, 2.0], [5.0, 4.0]])
+    np.testing.assert_array_equal(scored.per_module[0], [[1.0, 2.0], [5.0, 4.0]])
+    np.testing.assert_array_equal(scored.tokens[0], [[0.5, 0.5], [2.0, 3.0]])
+
+
 def test_reports(engine, tmp_path):
     results = engine.query(QUERIES)
     out = save_results(results, tmp_path / "out")

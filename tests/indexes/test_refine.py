@@ -83,7 +83,39 @@ def test_queries_standing_on_the_refine_tier_answer_like_a_full_scan(refine_inde
         assert with_refine.num_candidates <= 2 * top_k + 4
     # asked not to, the engine stands on the sketch store alone
     plain = refined.query(QUERIES[:1], QueryArgs(top_k=top_k, candidates=everything, refine=False))[0]
+    assert plain.refined == 0 and with_sketch.refined == 0 < with_refine.refined
     assert [d.seq_id for d in plain.positive] == [d.seq_id for d in refined.query(QUERIES[:1])[0].positive]
+
+
+def test_refine_rows_are_read_only_while_a_candidate_can_enter_the_top_k(refine_index, exact):
+    engine = QueryEngine(refine_index, QueryArgs(top_k=2))
+    read = []
+    scores = engine.refine.scores
+    engine.refine.scores = lambda queries, ids: read.append(len(ids)) or scores(queries, ids)
+    everything = len(exact.seq_ids)
+    try:
+        for qi, query in enumerate(QUERIES):
+            read.clear()
+            (adaptive,) = engine.query([query], QueryArgs(top_k=2, candidates=everything))
+            rows_read = sum(read)
+            read.clear()  # a margin no sketch score can fall outside of: every candidate's row is read
+            (every,) = engine.query([query], QueryArgs(top_k=2, candidates=everything, stop_margin=1e9))
+            assert sum(read) == 2 * everything > rows_read == adaptive.refined  # the result counts the rows read
+            assert [d.seq_id for d in adaptive.documents] == [d.seq_id for d in every.documents]
+            order = np.argsort(-exact.scores[qi], kind="stable")
+            assert [d.seq_id for d in adaptive.positive] == exact.seq_ids[order[:2]].tolist()
+    finally:
+        del engine.refine.scores
+
+
+def test_default_depth_is_deeper_on_a_refine_tier():
+    from influence.arguments import DEFAULT_CANDIDATES, REFINE_CANDIDATES
+
+    assert QueryArgs().depth(refines=False) == DEFAULT_CANDIDATES < QueryArgs().depth(refines=True) == REFINE_CANDIDATES
+    assert QueryArgs(candidates=30).depth(refines=True) == 30  # as asked, whatever the tiers
+    assert QueryArgs(top_k=5000).depth(refines=False) == 5000  # never fewer than the documents returned
+    with pytest.raises(InfluenceError, match="candidates must be a positive integer"):
+        QueryArgs(candidates=0)
 
 
 def test_without_the_rerank_the_refine_tier_orders_the_answer(refine_index, exact):

@@ -106,7 +106,7 @@ def test_bad_queries_are_refused(factor_dirs, llama_dir, corpus_dir):
         compute_scores(llama_dir, factor_dirs["identity"], corpus_dir, [Query("q", "Hello " * 200, "there")], ScoreArgs(progress=False))
 
 
-def test_per_token_scores_of_chosen_pairs_equal_those_of_every_pair(factor_dirs, llama_dir, corpus_dir):
+def test_scores_of_chosen_pairs_equal_those_of_every_pair(factor_dirs, llama_dir, corpus_dir):
     from influence.gradients import make_token_batch
     from influence.models import ModelSpec, load_model_context, load_tokenizer
     from influence.queries import tokenize_query
@@ -116,12 +116,18 @@ def test_per_token_scores_of_chosen_pairs_equal_those_of_every_pair(factor_dirs,
     tokenizer = load_tokenizer(llama_dir)
     prepared = prepare_queries(query_gradients(loaded, [tokenize_query(q, tokenizer) for q in QUERIES]), load_factors(factor_dirs["ekfac"]))
     batch = make_token_batch(load_sequences(corpus_dir)[0]["input_ids"].to_pylist()[:5])
-    every = score_batch(loaded, prepared, batch, per_token=True)
     wanted = [{0}, {1}, {0, 1}, set(), {1}]
-    chosen = score_batch(loaded, prepared, batch, per_token=True, token_queries=wanted)
-    torch.testing.assert_close(chosen.total, every.total, rtol=1e-10, atol=1e-12)  # totals of every pair all the same
-    torch.testing.assert_close(chosen.per_module, every.per_module, rtol=1e-10, atol=1e-12)
-    for j, queries in enumerate(wanted):
-        for qi in range(len(QUERIES)):
-            expected = every.per_token[qi, j] if qi in queries else torch.zeros_like(every.per_token[qi, j])
-            torch.testing.assert_close(chosen.per_token[qi, j], expected, rtol=1e-10, atol=1e-12)
+    for per_token in (True, False):
+        every = score_batch(loaded, prepared, batch, per_token=per_token)
+        chosen = score_batch(loaded, prepared, batch, per_token=per_token, pairs=wanted)
+        assert (chosen.per_token is None) == (not per_token)
+        for j, queries in enumerate(wanted):
+            for qi in range(len(QUERIES)):
+                if qi not in queries:  # not scored: NaN, never a number that could be taken for a score
+                    assert chosen.total[qi, j].isnan() and chosen.per_module[:, qi, j].isnan().all()
+                    assert not per_token or chosen.per_token[qi, j].isnan().all()
+                    continue
+                torch.testing.assert_close(chosen.total[qi, j], every.total[qi, j], rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(chosen.per_module[:, qi, j], every.per_module[:, qi, j], rtol=1e-10, atol=1e-12)
+                if per_token:
+                    torch.testing.assert_close(chosen.per_token[qi, j], every.per_token[qi, j], rtol=1e-10, atol=1e-12)
