@@ -13,7 +13,8 @@ stage to the next and drops the rest, `influence.stage.Workspace`):
   throughput, peak RSS of the driver and the workers, bytes on disk (per document for the index);
 - `exact`: a full exact scan of every query over the corpus (`compute_scores`), the ground truth;
 - `query`: `QueryEngine.query` per query with the default `QueryArgs` (one torch thread): p50/p95, candidates
-  re-ranked, recall@10 of both signs against the scan, and p50 in units of the bare loop's time per sequence;
+  re-ranked, recall@10 of both signs against the scan, p50 in units of the bare loop's time per sequence, and the
+  k-th best exact score of each sign in units of the sketch's noise (what lets the adaptive re-rank stop early);
 - `kronfluence`: Kronfluence fitting the same model, modules and (a `--kronfluence-docs` subset of the) sequences in
   this process, against the engine's fit of the same subset in this process: the fit time ratio.
 
@@ -47,6 +48,7 @@ from influence import load_sequences, prepare_corpus  # noqa: E402
 from influence.artifacts import write_parquet  # noqa: E402
 from influence.models import describe_model, load_tokenizer  # noqa: E402
 from influence.queries import Query, tokenize_query  # noqa: E402
+from influence.scores import rotated_query_gradients  # noqa: E402
 from influence.stage import LocalExecutor  # noqa: E402
 from jobs.demo import shutdown_queries  # noqa: E402
 from jobs.demo.parallel import parallel_documents  # noqa: E402
@@ -153,8 +155,17 @@ def query_figures(index: Path, queries: list[Query], exact, settings: Settings, 
         engine = QueryEngine(index, QueryArgs(top_k=settings.top_k, batch_tokens=settings.batch_tokens))
         engine.query(queries[:1])  # warm-up: caches, allocator
         seconds, candidates, recall = [], [], {"+": [], "-": []}
+        separation: dict[str, list] = {"+": [], "-": []}
         column = {int(s): i for i, s in enumerate(exact.seq_ids)}
+        _, query_norms = engine.sketcher.sketch_rotated(rotated_query_gradients(engine.loaded, engine._tokenize(queries), engine.factors))
         for qi, query in enumerate(queries):
+            # why the adaptive re-rank can or cannot stop early: the k-th best exact score of each sign in units of the
+            # sketch's noise at the median document (a stop needs the rest's sketch scores + stop_margin noise below it)
+            noise = float(np.median(engine.sketcher.noise_scale(query_norms[qi], engine.document_norms)))
+            ordered = np.sort(exact.scores[qi])
+            if len(ordered) >= settings.top_k:
+                separation["+"].append(float(ordered[-settings.top_k]) / noise)
+                separation["-"].append(float(-ordered[settings.top_k - 1]) / noise)
             with common.Timer() as timer:
                 [answer] = engine.query([query])
             seconds.append(timer.seconds)
@@ -168,6 +179,7 @@ def query_figures(index: Path, queries: list[Query], exact, settings: Settings, 
     per_sequence = bare["seconds"] / bare["sequences"] * (bare.get("workers_seen") or 1)  # one worker's time per sequence
     return {"seconds": common.percentiles(seconds), "candidates_reranked": common.percentiles(candidates),
             "recall_at_10": {sign: float(np.mean(values)) for sign, values in recall.items()},
+            "kth_score_over_sketch_noise": {sign: common.percentiles(values) for sign, values in separation.items()},
             "bare_seconds_per_sequence": per_sequence,
             "p50_in_forward_backward_passes": common.percentiles(seconds)["p50"] / per_sequence}
 
@@ -213,13 +225,16 @@ def quick_models(work: Path) -> dict[str, Path]:
 
 def markdown(result: dict) -> str:
     lines = ["| model | params | docs | fit s | fit / bare | index s | index / bare | bytes/doc | query p50 | "
-             "passes | re-ranked | recall@10 +/- | fit vs Kronfluence |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "passes | re-ranked | recall@10 +/- | 10th score / sketch noise +/- | fit vs Kronfluence |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["models"]:
         q, k = r["query"], r.get("kronfluence", {})
         lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.0f}M | {r['sequences']} | {r['fit']['seconds']:.0f} | "
                      f"{r['fit']['ratio_to_bare']:.2f} | {r['index']['seconds']:.0f} | {r['index']['ratio_to_bare']:.2f} | "
                      f"{r['index']['bytes_per_document']:.0f} | {q['seconds']['p50']:.1f} s | {q['p50_in_forward_backward_passes']:.1f} | "
                      f"{q['candidates_reranked']['p50']:.0f} | {q['recall_at_10']['+']:.2f} / {q['recall_at_10']['-']:.2f} | "
+                     f"{q['kth_score_over_sketch_noise']['+'].get('p50', float('nan')):.1f} / "
+                     f"{q['kth_score_over_sketch_noise']['-'].get('p50', float('nan')):.1f} | "
                      f"{k.get('fit_time_ratio', float('nan')):.2f} |")
     return "\n".join(lines)
 

@@ -26,6 +26,12 @@ def test_real_models_quick(run_quick):
         # sketch score is further off is missed (measured at this size: at most one in 30)
         assert min(query["recall_at_10"].values()) >= 0.9, query
         assert 0 < query["seconds"]["p50"] < 30 and query["p50_in_forward_backward_passes"] > 0
+        # the k-th best exact score of each sign over the sketch's noise: positive (the top and bottom 10 have their
+        # sign) and finite, for every query
+        for sign in "+-":
+            separation = query["kth_score_over_sketch_noise"][sign]
+            assert separation["n"] == query["seconds"]["n"]
+            assert math.isfinite(separation["p50"]) and separation["min"] > 0, (sign, separation)
         if "skipped" not in r["kronfluence"]:
             assert math.isfinite(r["kronfluence"]["fit_time_ratio"]) and r["kronfluence"]["fit_time_ratio"] > 0
     assert "| tiny-gemma3 |" in stdout
