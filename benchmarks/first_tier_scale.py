@@ -87,7 +87,7 @@ def query_sketches(setup, fold_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """The real queries' sketches as the engine makes them, folded like the rows."""
     engine = QueryEngine(setup.index_dir, QueryArgs())
     tokenized = [tokenize_query(q, engine.tokenizer, engine.context) for q in setup.queries]
-    sketches, _ = engine.sketcher.sketch_rotated(rotated_query_gradients(engine.loaded, tokenized, engine.factors))
+    sketches, _, _ = engine.sketcher.sketch_rotated(rotated_query_gradients(engine.loaded, tokenized, engine.factors))
     return sketches.numpy(), fold(sketches.numpy(), fold_dim)
 
 

@@ -157,7 +157,7 @@ def query_figures(index: Path, queries: list[Query], exact, settings: Settings, 
         seconds, candidates, recall = [], [], {"+": [], "-": []}
         separation: dict[str, list] = {"+": [], "-": []}
         column = {int(s): i for i, s in enumerate(exact.seq_ids)}
-        _, query_norms = engine.sketcher.sketch_rotated(rotated_query_gradients(engine.loaded, engine._tokenize(queries), engine.factors))
+        _, query_norms, _ = engine.sketcher.sketch_rotated(rotated_query_gradients(engine.loaded, engine._tokenize(queries), engine.factors))
         for qi, query in enumerate(queries):
             # why the adaptive re-rank can or cannot stop early: the k-th best exact score of each sign in units of the
             # sketch's noise at the median document (a stop needs the rest's sketch scores + stop_margin noise below it)

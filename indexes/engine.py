@@ -125,8 +125,8 @@ class QueryEngine:
         seconds["gradient"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        sketches, query_norms = self.sketcher.sketch_rotated(rotated)  # (queries, dim), (queries,)
-        whitened = self.sketcher.whiten_rotated(rotated) if self._refines(args) else None  # (queries, D)
+        # (queries, dim), (queries,), and (queries, D) for the refine tier
+        sketches, query_norms, whitened = self.sketcher.sketch_rotated(rotated, whitened=self._refines(args))
         pools = self._candidates(queries, sketches.numpy(), query_norms, args, whitened)
         seconds["search"] = time.perf_counter() - tick
 

@@ -28,8 +28,8 @@ _SCAN_CHUNK = 32768
 # A stored entry is round(x / step) in -CODE_LEVELS..CODE_LEVELS, kept as the nibble code = that + CODE_LEVELS
 CODE_LEVELS = 7
 # Up to this many queries a scan goes through FAISS's 4-bit scalar quantizer (SIMD decoding, one pass over the codes per
-# query: about 2x faster than the float32 GEMMs for one query on this machine, even at four); from about six the GEMMs,
-# which decode once for all queries, are faster (2x at six, 3-4x at 32). Both are float32.
+# query); above, through float32 GEMMs, which decode once for all queries. Measured ad hoc on this machine (not in a
+# benchmark JSON): FAISS 1.8-3x faster for one query, about even at four, the GEMMs 1.5-1.9x faster at six.
 _FAISS_SCAN_MAX_QUERIES = 4
 # Refine-tier rows converted to float32 per GEMM: a block of 16 whitened gradients stays in cache (measured fastest)
 _REFINE_BLOCK = 16

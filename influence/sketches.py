@@ -93,7 +93,7 @@ class Sketcher:
     def sketch_io(self, io: dict[str, tuple[torch.Tensor, torch.Tensor]], whitened: bool = False) -> SketchBatch:
         """Sketches, exact self-influences and gradient norms of a batch, from each module's captured (a, s); with
         `whitened`, also W(z) itself, module after module, each entry times its hash sign (signs cancel in <W(q), W(z)>
-        when the queries' come from `whiten_rotated`)."""
+        when the queries' come from `sketch_rotated(..., whitened=True)`)."""
         first = next(iter(io.values()))[0]
         dtype = next(iter(self.signed_inverse_sqrt.values())).dtype
         sketch = torch.zeros(first.shape[0], self.dim, dtype=dtype, device=first.device)
@@ -112,30 +112,28 @@ class Sketcher:
                 parts.append(signed.flatten(1).float())
         return SketchBatch(sketch.float(), self_influence, squared_norm.sqrt(), torch.cat(parts, 1) if whitened else None)
 
-    def whiten_rotated(self, rotated: dict[str, torch.Tensor]) -> np.ndarray:
-        """+-W(V) (n, D) float32 of gradients already in the eigenbasis, in the order and with the signs of `sketch_io`'s
-        `whitened`: the queries' side of the refine tier."""
-        dtype = next(iter(self.signed_inverse_sqrt.values())).dtype
-        return torch.cat([(rotated[name].to(dtype) * self.signed_inverse_sqrt[name]).flatten(1).float() for name in self.modules],
-                         1).cpu().numpy()
-
-    def sketch_rotated(self, rotated: dict[str, torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
+    def sketch_rotated(self, rotated: dict[str, torch.Tensor], whitened: bool = False
+                       ) -> tuple[torch.Tensor, np.ndarray, Optional[np.ndarray]]:
         """Sketches (n, dim) float32 and exact ||W(V)|| (n,) float64 of gradients already in the eigenbasis
-        {module: (n, d_out, d_in)}, e.g. queries (`scores.rotated_query_gradients`)."""
+        {module: (n, d_out, d_in)}, e.g. queries (`scores.rotated_query_gradients`); with `whitened`, also +-W(V) (n, D)
+        float32 in the order and with the signs of `sketch_io`'s (the queries' side of the refine tier), else None."""
         first = next(iter(rotated.values()))
         dtype = next(iter(self.signed_inverse_sqrt.values())).dtype
         sketch = torch.zeros(first.shape[0], self.dim, dtype=dtype, device=first.device)
         squared = torch.zeros(first.shape[0], dtype=torch.float64)
+        parts = []
         for name in self.modules:
             signed = rotated[name].to(dtype) * self.signed_inverse_sqrt[name]
             squared += _squared_norms(signed)
             self._hash_into(sketch, name, signed)
-        return sketch.float().cpu(), squared.sqrt().numpy()
+            if whitened:
+                parts.append(signed.flatten(1).float())
+        return sketch.float().cpu(), squared.sqrt().numpy(), torch.cat(parts, 1).cpu().numpy() if whitened else None
 
     def sketch_gradients(self, gradients: dict[str, torch.Tensor]) -> tuple[torch.Tensor, np.ndarray]:
         """The same from gradients in the original basis {module: (n, d_out, d_in)}."""
         dtype = next(iter(self.signed_inverse_sqrt.values())).dtype
-        return self.sketch_rotated({name: rotate(gradients[name].to(dtype), self.factors.modules[name]) for name in self.modules})
+        return self.sketch_rotated({name: rotate(gradients[name].to(dtype), self.factors.modules[name]) for name in self.modules})[:2]
 
 
 def _squared_norms(matrices: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,8 @@ def test_refine_tier_scores_are_the_exact_scores_within_the_bound(refine_index, 
     engine = QueryEngine(refine_index, QueryArgs())
     assert engine.refine is not None and engine.refine.dim == engine.sketcher.whitened_dim
     assert not any(refine_index.glob("sketch_shard_*"))  # the shards' refine rows were merged, then removed
-    whitened = engine.sketcher.whiten_rotated(rotated_query_gradients(engine.loaded, engine._tokenize(QUERIES), engine.factors))
+    rotated = rotated_query_gradients(engine.loaded, engine._tokenize(QUERIES), engine.factors)
+    whitened = engine.sketcher.sketch_rotated(rotated, whitened=True)[2]
     rows = engine.index_ids[exact.seq_ids]
     got = engine.refine.scores(whitened, rows)
     bound = engine.refine.error_bound(whitened, rows, engine.document_norms[rows])
