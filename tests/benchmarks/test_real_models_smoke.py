@@ -19,7 +19,8 @@ def test_real_models_quick(run_quick):
             ratio = r[stage]["ratio_to_bare"]
             assert math.isfinite(ratio) and 0 < ratio < 20, (r["model"], stage, ratio)
         # the index: a 4-bit sketch per document and its doc-table row, nothing kept beside them
-        assert r["index"]["bytes_per_document"] == pytest.approx(IndexArgs().sketch_dim / 2 + 64, abs=64), r["index"]
+        assert r["index"]["bytes_per_sequence"] == pytest.approx(IndexArgs().sketch_dim / 2 + 64, abs=64), r["index"]
+        assert r["index"]["bytes_per_document"] == pytest.approx(r["index"]["bytes_on_disk"] / r["documents"]), r["index"]
         query = r["query"]
         # the quick corpus is small enough for the adaptive re-rank to see every candidate it needs: the exact top-10
         # the adaptive stop trusts the sketch to stop_margin (2) standard deviations: a rare top-10 document whose

