@@ -175,7 +175,12 @@ class QueryEngine:
             completion = token_texts(self.tokenizer, tokenized[qi].completion_ids)
             scored_here = int(np.count_nonzero(~np.isnan(scored.scores[qi])))  # sequences scored exactly for this query
             results.append(QueryResult(query, completion, documents, args.generator, scored_here, dict(seconds),
-                                       refined=_refined(pools[qi])))
+                                       refined=_refined(pools[qi]), incomplete=_incomplete(pools[qi], scored.scores[qi], args.top_k)))
+            if results[-1].incomplete:
+                LOG.warning("query %s: its top %d (%s) may miss documents the sketch ranked beyond the %d candidates per sign "
+                            "(the sketch's noise is wider than the gap to the k-th exact score); raise --candidates, or score "
+                            "every document exactly with `influence score`", query.query_id, args.top_k,
+                            " and ".join(results[-1].incomplete), len(pools[qi][0].seq_ids))
         return results
 
     def _sketch_scores(self, sketch: np.ndarray, seq_ids: np.ndarray) -> np.ndarray:
@@ -228,7 +233,8 @@ class QueryEngine:
                 if whitened is not None:
                     pair.append(self._refined_pool(whitened[qi : qi + 1], direction, ids, scores, slack, args))
                 else:
-                    pair.append(CandidatePool(self.seq_ids[ids], scores, slack if adaptive else None))
+                    beyond = float(np.min(direction * scores) + np.median(slack)) if 0 < len(ids) < n else None
+                    pair.append(CandidatePool(self.seq_ids[ids], scores, slack if adaptive else None, beyond=beyond))
             pools.append(tuple(pair))
         return pools
 
@@ -347,6 +353,19 @@ class QueryEngine:
         )
 
 
+def _incomplete(pools: tuple["CandidatePool", "CandidatePool"], exact: np.ndarray, top_k: int) -> tuple[str, ...]:
+    """The signs whose top k a document outside the candidates could plausibly enter (`CandidatePool.beyond` reaches
+    the k-th best exact score of the sign; any reaches when fewer than k were scored)."""
+    signs = []
+    for sign, direction, pool in (("+", 1.0, pools[0]), ("-", -1.0, pools[1])):
+        if pool.beyond is None:
+            continue
+        scores = np.sort(direction * exact[~np.isnan(exact)])
+        if len(scores) < top_k or pool.beyond >= scores[-top_k]:
+            signs.append(sign)
+    return tuple(signs)
+
+
 def _refined(pools: tuple["CandidatePool", "CandidatePool"]) -> int:
     return sum(len(pool.seq_ids) for pool in pools if pool.bounded)  # a refine pool holds the candidates whose rows were read
 
@@ -361,6 +380,9 @@ class CandidatePool:
     scores: Optional[np.ndarray] = None
     slack: Optional[np.ndarray] = None
     bounded: bool = False  # the slack is a bound (refine tier), not a few standard deviations (sketch)
+    # a sketch pool shorter than the corpus: how high (in its sign's direction) the exact score of a document the sketch
+    # ranked beyond the pool plausibly reaches: the last candidate's sketch score + stop_margin x the median noise
+    beyond: Optional[float] = None
 
     def first_round(self, direction: float, top_k: int, most: int) -> np.ndarray:
         """The candidates worth an exact score before any is known: all without slack; else, best first, those whose

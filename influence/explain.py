@@ -85,6 +85,9 @@ class QueryResult:
     seconds: dict[str, float]
     exact: bool = True                 # False: scores are sketch estimates, without breakdowns
     refined: int = 0                   # candidates ordered by the index's refine tier (its rows read), both signs
+    # signs ("+", "-") whose top k a document the sketch ranked beyond the candidates could plausibly enter: the sketch's
+    # noise reaches from the last candidate to the k-th exact score (raise `candidates`, or score exactly)
+    incomplete: tuple[str, ...] = ()
 
     @property
     def positive(self) -> list[DocumentInfluence]:
@@ -97,4 +100,4 @@ class QueryResult:
     def to_dict(self) -> dict:
         return {"query": asdict(self.query), "completion_tokens": self.completion_tokens, "generator": self.generator,
                 "num_candidates": self.num_candidates, "seconds": self.seconds, "exact": self.exact,
-                "refined": self.refined, "documents": [d.to_dict() for d in self.documents]}
+                "refined": self.refined, "incomplete": list(self.incomplete), "documents": [d.to_dict() for d in self.documents]}

@@ -164,6 +164,17 @@ def test_adaptive_rerank_stops_once_no_candidate_can_enter_the_top_k(engine):
     assert len(engine._rerank(prepared, hopeful, QueryArgs(top_k=3, candidates=24)).order) == 24
 
 
+def test_a_top_k_that_documents_beyond_the_candidates_could_enter_is_flagged(engine, caplog):
+    # a margin this wide puts every document beyond the candidates within reach of the k-th exact score
+    with caplog.at_level("WARNING", logger="indexes.engine"):
+        wide = engine.query(QUERIES[:1], QueryArgs(top_k=3, candidates=3, stop_margin=1e9))
+    assert wide[0].incomplete == ("+", "-") and wide[0].to_dict()["incomplete"] == ["+", "-"]
+    assert "raise --candidates" in caplog.text
+    every = QueryArgs(top_k=3, candidates=len(engine.seq_ids), stop_margin=1e9)  # every document is a candidate
+    for args in (every, QueryArgs(top_k=3, generator="exact")):                 # or a full scan: nothing lies beyond
+        assert engine.query(QUERIES[:1], args)[0].incomplete == (), args
+
+
 def test_stop_margin_must_be_non_negative():
     with pytest.raises(InfluenceError, match="stop_margin"):
         QueryArgs(stop_margin=-1.0)
