@@ -54,7 +54,7 @@ from influence.artifacts import (
 )
 from influence.corpus import TokenRows, load_sequences, require_fits_context, require_same_tokenizer, shard_rows, token_rows
 from influence.errors import InfluenceError
-from influence.gradients import capture_module_io, make_token_batch, plan_batches, rotated_gradients
+from influence.gradients import capture_module_io, make_token_batch, plan_batches, rotated_gradient_blocks
 from influence.models import ModelInfo, ModelSpec, describe_model, load_model_context, model_identity, require_model_dir
 from influence.stage import Executor, Pass, Workspace, run_stage
 
@@ -267,9 +267,11 @@ def eigenvalue_work(workspace: Workspace, work: FitWork, rows: TokenRows) -> dic
     for batch in _token_batches(work, rows):
         for name, (a, s) in _capture(workspace, work, batch).items():
             q_a, q_s = basis.get(name, (None, None))
-            rotated = rotated_gradients(a.to(dtype), s.to(dtype), q_a, q_s)  # (batch, d_out, d_in)
-            # a batch's sum in its own dtype (a few dozen sequences), the running sum in float64
-            _accumulate(sums, name + C.EIGENVALUE_SUM, rotated.pow_(2).sum(0).double().cpu())
+            # a batch's sum in its own dtype (a few dozen sequences), block by block; the running sum in float64
+            squares = torch.empty(s.shape[-1], a.shape[-1], dtype=dtype, device=a.device)
+            for rows, block in rotated_gradient_blocks(a.to(dtype), s.to(dtype), q_a, q_s):  # (batch, rows, d_in)
+                torch.sum(block.square_(), dim=0, out=squares[rows])
+            _accumulate(sums, name + C.EIGENVALUE_SUM, squares.double().cpu())
         count += len(batch.input_ids)
     return {**{k: v.numpy() for k, v in sums.items()}, "count": count.numpy()}
 

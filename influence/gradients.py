@@ -11,7 +11,7 @@ where they are not needed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,27 @@ def rotated_gradients(a: torch.Tensor, s: torch.Tensor, q_a: Optional[torch.Tens
     if q_a is None:
         return sequence_gradients(a, s)
     return torch.bmm((s @ q_s).transpose(1, 2), a @ q_a)  # (batch, d_out, d_in)
+
+
+#: Numbers in one block of `rotated_gradient_blocks` (4 MiB of float32). A block stays in the cache while it is squared,
+#: whitened and hashed; a whole batch of a 135M model's MLP gradients (60-110 MB per module) went to memory and back for
+#: every one of those steps, freshly mapped by the allocator each time: about half the index's sketching time.
+BLOCK_NUMBERS = 1 << 20
+
+
+def rotated_gradient_blocks(a: torch.Tensor, s: torch.Tensor, q_a: Optional[torch.Tensor], q_s: Optional[torch.Tensor],
+                            block_numbers: Optional[int] = None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """`rotated_gradients` a few output rows at a time: (rows, block) with block = (Q_S^T G_n Q_A)[:, rows, :] of shape
+    (batch, len(rows), d_in), for work that reduces each block before the next (sums, norms, sketches). On a GPU, one
+    block: kernel launches cost more there than memory traffic."""
+    s_rotated = s if q_s is None else s @ q_s  # (batch, tokens, d_out)
+    a_rotated = a if q_a is None else a @ q_a  # (batch, tokens, d_in)
+    batch, _, d_out = s_rotated.shape
+    numbers = block_numbers or BLOCK_NUMBERS
+    step = d_out if s.device.type != "cpu" else max(1, numbers // max(1, batch * a_rotated.shape[-1]))
+    for start in range(0, d_out, step):
+        rows = slice(start, min(d_out, start + step))
+        yield rows, torch.bmm(s_rotated[:, :, rows].transpose(1, 2), a_rotated)
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:

@@ -16,7 +16,8 @@ document's footprint does not grow with the model's depth.
 h_m and s_m are multiply-shift hash functions of the flat index, seeded by (seed, module): computed on the fly,
 nothing of size W is stored, and every worker and the query engine draw the same ones. Forming W exactly (a
 rotation of each token's a and s, then one GEMM per sequence) costs about one more forward pass of the tracked
-modules, and gives the exact self-influence ||W(z)||^2 and gradient norm ||G(z)|| on the way.
+modules, and gives the exact self-influence ||W(z)||^2 and gradient norm ||G(z)|| on the way. W is formed a block of rows at a time, each
+block whitened and hashed while it is in the cache (`gradients.rotated_gradient_blocks`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from influence.factors import Factors
-from influence.gradients import rotated_gradients
+from influence.gradients import rotated_gradient_blocks
 from influence.preconditioner import rotate
 
 
@@ -39,17 +40,30 @@ def hash_seed(seed: int, module: str, purpose: str) -> int:
     return (int.from_bytes(digest, "little") & (2**62 - 1)) | 1
 
 
-def bucket_and_sign(module: str, size: int, dim: int, seed: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Count-sketch hashes of the flat indices 0..size-1 of one module: buckets (size,) int64 in [0, dim), signs (size,) +-1.
+def buckets(module: str, start: int, stop: int, dim: int, seed: int, device="cpu") -> torch.Tensor:
+    """Count-sketch buckets (stop - start,) int64 in [0, dim) of one module's flat indices start..stop-1.
 
     Multiply-shift hashing (Dietzfelbinger et al.): the high bits of a * j + b (int64 arithmetic wraps around).
-    Pairwise independence is all the count sketch's variance bound needs.
+    Pairwise independence is all the count sketch's variance bound needs. Any range gives the same buckets as the
+    whole, so a module can be hashed block by block.
     """
+    j = torch.arange(start, stop, dtype=torch.int64, device=device)
+    mixed = (j * hash_seed(seed, module, "bucket-a") + hash_seed(seed, module, "bucket-b")) >> 31
+    # a power of two (the default) takes the low bits: the same numbers as the floor remainder, without a division
+    return mixed & (dim - 1) if dim & (dim - 1) == 0 else torch.remainder(mixed, dim)
+
+
+def bucket_and_sign(module: str, size: int, dim: int, seed: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Count-sketch hashes of the flat indices 0..size-1 of one module: buckets (size,) int64 in [0, dim) (`buckets`),
+    signs (size,) +-1 (another multiply-shift hash's top bit)."""
     j = torch.arange(size, dtype=torch.int64, device=device)
-    mixed = j * hash_seed(seed, module, "bucket-a") + hash_seed(seed, module, "bucket-b")
-    buckets = torch.remainder(mixed >> 31, dim)
     signs = ((j * hash_seed(seed, module, "sign-a") + hash_seed(seed, module, "sign-b")) >> 62) & 1
-    return buckets, 1 - 2 * signs
+    return buckets(module, 0, size, dim, seed, device), 1 - 2 * signs
+
+
+#: Whiten and hash CPU blocks with `kernels.whiten_and_hash` (one pass, numba); False: torch's operations on every device,
+#: the reference the tests compare the kernel with.
+CPU_KERNEL = True
 
 
 @dataclass
@@ -80,10 +94,26 @@ class Sketcher:
         """
         return np.multiply.outer(np.asarray(query_norm, np.float64), np.asarray(document_norm, np.float64)) / np.sqrt(self.dim)
 
-    def _hash_into(self, sketch: torch.Tensor, name: str, signed_whitened: torch.Tensor) -> None:
-        flat = signed_whitened.flatten(1)  # (batch, D_m), already multiplied by the signs
-        buckets, _ = bucket_and_sign(name, flat.shape[1], self.dim, self.seed, flat.device)
-        sketch.index_add_(1, buckets, flat)
+    def _hash_into(self, sketch: torch.Tensor, name: str, signed_whitened: torch.Tensor, start: int = 0) -> None:
+        """Add a module's entries start.. (already multiplied by their signs), flattened per sequence, to `sketch`."""
+        flat = signed_whitened.flatten(1)  # (batch, numbers)
+        sketch.index_add_(1, buckets(name, start, start + flat.shape[1], self.dim, self.seed, flat.device), flat)
+
+    def _whiten_and_hash(self, sketch: torch.Tensor, name: str, block: torch.Tensor, signed_inverse_sqrt: torch.Tensor,
+                         start: int, gradient_sq: torch.Tensor, whitened_sq: torch.Tensor) -> None:
+        """block (batch, rows, d_in), the flat entries start.. of module `name`'s rotated gradients: add their squared
+        norms to gradient_sq, whiten them in place, add their squared norms to whitened_sq and hash them into sketch."""
+        if CPU_KERNEL and block.device.type == "cpu" and sketch.dtype == block.dtype:
+            from influence.kernels import whiten_and_hash
+
+            whiten_and_hash(block.view(block.shape[0], -1).numpy(), signed_inverse_sqrt.reshape(-1).numpy(), start,
+                            np.uint64(hash_seed(self.seed, name, "bucket-a")), np.uint64(hash_seed(self.seed, name, "bucket-b")),
+                            self.dim, sketch.numpy(), gradient_sq.numpy(), whitened_sq.numpy())
+            return
+        gradient_sq += _squared_norms(block)
+        block.mul_(signed_inverse_sqrt)
+        whitened_sq += _squared_norms(block)
+        self._hash_into(sketch, name, block, start)
 
     @property
     def whitened_dim(self) -> int:
@@ -103,13 +133,13 @@ class Sketcher:
         for name in self.modules:
             a, s = io[name]
             f = self.factors.modules[name]
-            rotated = rotated_gradients(a.to(dtype), s.to(dtype), f.q_a, f.q_s)  # (batch, d_out, d_in): Q_S^T G Q_A
-            squared_norm += _squared_norms(rotated)  # the rotation is orthogonal: ||G'|| = ||G||
-            signed = rotated.mul_(self.signed_inverse_sqrt[name])  # +-W in place: G' is not needed any more
-            self_influence += _squared_norms(signed)
-            self._hash_into(sketch, name, signed)
-            if whitened:
-                parts.append(signed.flatten(1).float())
+            inverse_sqrt = self.signed_inverse_sqrt[name]
+            for rows, block in rotated_gradient_blocks(a.to(dtype), s.to(dtype), f.q_a, f.q_s):  # Q_S^T G Q_A, some rows
+                # the rotation is orthogonal: ||G'|| = ||G||; block becomes +-W in place (G' is not needed any more)
+                self._whiten_and_hash(sketch, name, block, inverse_sqrt[rows], rows.start * block.shape[-1], squared_norm,
+                                      self_influence)
+                if whitened:
+                    parts.append(block.flatten(1).float())
         return SketchBatch(sketch.float(), self_influence, squared_norm.sqrt(), torch.cat(parts, 1) if whitened else None)
 
     def sketch_rotated(self, rotated: dict[str, torch.Tensor], whitened: bool = False

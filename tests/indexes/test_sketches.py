@@ -12,7 +12,7 @@ from influence.models import ModelSpec, load_model_context, load_tokenizer
 from influence.preconditioner import precondition, whiten
 from influence.queries import Query, tokenize_query
 from influence.scores import query_gradients
-from influence.sketches import Sketcher, bucket_and_sign
+from influence.sketches import Sketcher, bucket_and_sign, buckets, hash_seed
 from tests.conftest import TEXTS
 
 QUERIES = [Query("a", "The cat sat", " on the mat."), Query("b", "Hello", " there.")]
@@ -47,7 +47,22 @@ def test_hashes_are_deterministic_in_range_and_differ_by_module():
     assert (other != buckets).float().mean() > 0.9 and (reseeded != buckets).float().mean() > 0.9
 
 
-def test_sketch_equals_the_explicit_count_sketch_of_the_whitened_gradient(llama_dir, ekfac_dir):
+@pytest.mark.parametrize("dim", [64, 96])
+def test_buckets_of_any_range_are_the_whole_modules_and_the_floor_remainder(dim):
+    name = "model.layers.0.mlp.up_proj"
+    whole = buckets(name, 0, 5000, dim, seed=3)
+    j = torch.arange(5000, dtype=torch.int64)
+    # the multiply-shift hash as first written (indexes built then must keep answering queries hashed now)
+    expected = torch.remainder((j * hash_seed(3, name, "bucket-a") + hash_seed(3, name, "bucket-b")) >> 31, dim)
+    assert torch.equal(whole, expected) and torch.equal(bucket_and_sign(name, 5000, dim, seed=3)[0], expected)
+    assert torch.equal(torch.cat([buckets(name, 0, 1234, dim, 3), buckets(name, 1234, 5000, dim, 3)]), whole)
+
+
+@pytest.mark.parametrize("block_numbers", [1 << 20, 50])  # one block per module; many (a few rows each)
+def test_sketch_equals_the_explicit_count_sketch_of_the_whitened_gradient(llama_dir, ekfac_dir, monkeypatch, block_numbers):
+    import influence.gradients
+
+    monkeypatch.setattr(influence.gradients, "BLOCK_NUMBERS", block_numbers)
     loaded, factors, gradients = parts(llama_dir, ekfac_dir, "float64")
     names = [m.name for m in loaded.modules]
     sketcher = Sketcher(factors, names, dim=40, seed=1)
@@ -70,6 +85,29 @@ def test_sketch_equals_the_explicit_count_sketch_of_the_whitened_gradient(llama_
         np.testing.assert_allclose(batch.self_influence[row].item(), norm[0] ** 2, rtol=1e-8)
         grad_norm = sum(g.pow(2).sum() for g in full.values()).sqrt()
         np.testing.assert_allclose(batch.gradient_norm[row].item(), grad_norm.item(), rtol=1e-8)
+
+
+@pytest.mark.parametrize("dim,dtype,block_numbers", [(64, "float32", 1 << 20), (96, "float64", 50), (40, "float32", 300)])
+def test_cpu_kernel_equals_the_torch_operations(llama_dir, ekfac_dir, monkeypatch, dim, dtype, block_numbers):
+    """`kernels.whiten_and_hash` (one numba pass) against torch's norms, multiply and index_add_ (the GPU's path)."""
+    import influence.gradients
+    import influence.sketches
+
+    monkeypatch.setattr(influence.gradients, "BLOCK_NUMBERS", block_numbers)
+    loaded, factors, _ = parts(llama_dir, ekfac_dir, dtype)
+    sketcher = Sketcher(factors, [m.name for m in loaded.modules], dim=dim, seed=5)
+    tokenizer = load_tokenizer(llama_dir)
+    io, _ = capture_module_io(loaded.model, loaded.modules, make_token_batch([tokenizer(t)["input_ids"][:20] for t in TEXTS[:5]]))
+    io = {name: (a.to(factors.modules[name].eigenvalues.dtype), s.to(factors.modules[name].eigenvalues.dtype)) for name, (a, s) in io.items()}
+    kernel = sketcher.sketch_io(io, whitened=True)
+    monkeypatch.setattr(influence.sketches, "CPU_KERNEL", False)
+    reference = sketcher.sketch_io(io, whitened=True)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(kernel.sketches, reference.sketches, **tolerance)
+    torch.testing.assert_close(kernel.whitened, reference.whitened, rtol=0, atol=0)
+    torch.testing.assert_close(kernel.self_influence, reference.self_influence, **tolerance)
+    torch.testing.assert_close(kernel.gradient_norm, reference.gradient_norm, **tolerance)
+    assert kernel.sketches.abs().sum() > 0 and (kernel.sketches != 0).float().mean() > 0.5
 
 
 def test_sketch_inner_products_are_unbiased_with_the_stated_noise(llama_dir, ekfac_dir):

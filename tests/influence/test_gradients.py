@@ -3,7 +3,7 @@
 import torch
 
 from influence.corpus import chunk_token_ids
-from influence.gradients import capture_module_io, make_token_batch, rotated_gradients, sequence_gradients
+from influence.gradients import capture_module_io, make_token_batch, rotated_gradient_blocks, rotated_gradients, sequence_gradients
 from influence.models import find_tracked_modules, load_model
 from tests.conftest import TEXTS
 from tests.oracles import autograd_gradient
@@ -39,6 +39,20 @@ def test_rotated_gradients_equal_basis_change():
     q_s = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
     expected = q_s.T @ sequence_gradients(a, s) @ q_a
     torch.testing.assert_close(rotated_gradients(a, s, q_a, q_s), expected)
+
+
+def test_rotated_gradient_blocks_tile_the_rotated_gradients():
+    torch.manual_seed(0)
+    a, s = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 5, 7, dtype=torch.float64)
+    q_a = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0]
+    q_s = torch.linalg.qr(torch.randn(7, 7, dtype=torch.float64))[0]
+    for q in ((q_a, q_s), (None, None)):
+        whole = rotated_gradients(a, s, *q)
+        blocks = list(rotated_gradient_blocks(a, s, *q, block_numbers=2 * 3 * 4))  # two rows per block, the last one alone
+        assert [rows for rows, _ in blocks] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 7)]
+        torch.testing.assert_close(torch.cat([block for _, block in blocks], dim=1), whole, rtol=1e-12, atol=1e-14)
+        [(rows, block)] = rotated_gradient_blocks(a, s, *q)  # small enough for one block by default
+        assert rows == slice(0, 7) and torch.equal(block, whole)
 
 
 def test_sampled_labels_do_not_depend_on_batching(llama_dir, tokenizer):
