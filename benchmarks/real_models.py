@@ -159,7 +159,7 @@ def query_figures(index: Path, queries: list[Query], exact, settings: Settings, 
     try:
         engine = QueryEngine(index, QueryArgs(top_k=settings.top_k, batch_tokens=settings.batch_tokens))
         engine.query(queries[:1])  # warm-up: caches, allocator
-        seconds, candidates, recall = [], [], {"+": [], "-": []}
+        seconds, candidates, recall, flagged = [], [], {"+": [], "-": []}, {"+": 0, "-": 0}
         separation: dict[str, list] = {"+": [], "-": []}
         column = {int(s): i for i, s in enumerate(exact.seq_ids)}
         _, query_norms, _ = engine.sketcher.sketch_rotated(rotated_query_gradients(engine.loaded, engine._tokenize(queries), engine.factors))
@@ -175,6 +175,8 @@ def query_figures(index: Path, queries: list[Query], exact, settings: Settings, 
                 [answer] = engine.query([query])
             seconds.append(timer.seconds)
             candidates.append(answer.num_candidates)
+            for sign in answer.incomplete:
+                flagged[sign] += 1
             for sign, docs in (("+", answer.positive), ("-", answer.negative)):
                 truth = exact.seq_ids[common.top_ids(exact.scores[qi], settings.top_k, sign)]
                 recall[sign].append(common.recall_at_k([d.seq_id for d in docs], truth))
@@ -184,6 +186,9 @@ def query_figures(index: Path, queries: list[Query], exact, settings: Settings, 
     per_sequence = bare["seconds"] / bare["sequences"] * (bare.get("workers_seen") or 1)  # one worker's time per sequence
     return {"seconds": common.percentiles(seconds), "candidates_reranked": common.percentiles(candidates),
             "recall_at_10": {sign: float(np.mean(values)) for sign, values in recall.items()},
+            "recall_at_10_per_query": recall,
+            # queries whose result warned that a document beyond the candidates could enter its top k (`QueryResult.incomplete`)
+            "flagged_incomplete": flagged,
             "kth_score_over_sketch_noise": {sign: common.percentiles(values) for sign, values in separation.items()},
             "bare_seconds_per_sequence": per_sequence,
             "p50_in_forward_backward_passes": common.percentiles(seconds)["p50"] / per_sequence}
@@ -230,14 +235,15 @@ def quick_models(work: Path) -> dict[str, Path]:
 
 def markdown(result: dict) -> str:
     lines = ["| model | params | docs (sequences) | fit s | fit / bare | index s | index / bare | bytes/doc | query p50 | "
-             "passes | re-ranked | recall@10 +/- | 10th score / sketch noise +/- | fit vs Kronfluence |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "passes | re-ranked | recall@10 +/- | flagged incomplete +/- | 10th score / sketch noise +/- | fit vs Kronfluence |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["models"]:
         q, k = r["query"], r.get("kronfluence", {})
         lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.0f}M | {r['documents']} ({r['sequences']}) | {r['fit']['seconds']:.0f} | "
                      f"{r['fit']['ratio_to_bare']:.2f} | {r['index']['seconds']:.0f} | {r['index']['ratio_to_bare']:.2f} | "
                      f"{r['index']['bytes_per_document']:.0f} | {q['seconds']['p50']:.1f} s | {q['p50_in_forward_backward_passes']:.1f} | "
                      f"{q['candidates_reranked']['p50']:.0f} | {q['recall_at_10']['+']:.2f} / {q['recall_at_10']['-']:.2f} | "
+                     f"{q['flagged_incomplete']['+']} / {q['flagged_incomplete']['-']} of {q['seconds']['n']} | "
                      f"{q['kth_score_over_sketch_noise']['+'].get('p50', float('nan')):.1f} / "
                      f"{q['kth_score_over_sketch_noise']['-'].get('p50', float('nan')):.1f} | "
                      f"{k.get('fit_time_ratio', float('nan')):.2f} |")

@@ -53,12 +53,15 @@ def buckets(module: str, start: int, stop: int, dim: int, seed: int, device="cpu
     return mixed & (dim - 1) if dim & (dim - 1) == 0 else torch.remainder(mixed, dim)
 
 
-def bucket_and_sign(module: str, size: int, dim: int, seed: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Count-sketch hashes of the flat indices 0..size-1 of one module: buckets (size,) int64 in [0, dim) (`buckets`),
-    signs (size,) +-1 (another multiply-shift hash's top bit)."""
+def signs(module: str, size: int, seed: int, device="cpu") -> torch.Tensor:
+    """Count-sketch signs (size,) int64 +-1 of one module's flat indices 0..size-1: another multiply-shift hash's top bit."""
     j = torch.arange(size, dtype=torch.int64, device=device)
-    signs = ((j * hash_seed(seed, module, "sign-a") + hash_seed(seed, module, "sign-b")) >> 62) & 1
-    return buckets(module, 0, size, dim, seed, device), 1 - 2 * signs
+    return 1 - 2 * (((j * hash_seed(seed, module, "sign-a") + hash_seed(seed, module, "sign-b")) >> 62) & 1)
+
+
+def bucket_and_sign(module: str, size: int, dim: int, seed: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Both hashes of one module's flat indices 0..size-1: `buckets` and `signs`."""
+    return buckets(module, 0, size, dim, seed, device), signs(module, size, seed, device)
 
 
 #: Whiten and hash CPU blocks with `kernels.whiten_and_hash` (one pass, numba); False: torch's operations on every device,
@@ -83,8 +86,8 @@ class Sketcher:
         self.signed_inverse_sqrt = {}
         for name in self.modules:
             f = factors.modules[name]
-            _, signs = bucket_and_sign(name, f.eigenvalues.numel(), self.dim, seed, f.eigenvalues.device)
-            self.signed_inverse_sqrt[name] = (f.eigenvalues + f.damping).rsqrt() * signs.view_as(f.eigenvalues).to(f.eigenvalues.dtype)
+            sign = signs(name, f.eigenvalues.numel(), seed, f.eigenvalues.device).view_as(f.eigenvalues).to(f.eigenvalues.dtype)
+            self.signed_inverse_sqrt[name] = (f.eigenvalues + f.damping).rsqrt() * sign
 
     def noise_scale(self, query_norm: np.ndarray, document_norm: np.ndarray) -> np.ndarray:
         """||W(q)|| ||W(z)|| / sqrt(dim): about the standard deviation of a sketch score (see the module docstring).

@@ -27,6 +27,10 @@ def test_real_models_quick(run_quick):
         # sketch score is further off is missed (measured at this size: at most one in 30)
         assert min(query["recall_at_10"].values()) >= 0.9, query
         assert 0 < query["seconds"]["p50"] < 30 and query["p50_in_forward_backward_passes"] > 0
+        for sign in "+-":  # per query: the recall, and how many queries warned that their top k may be incomplete
+            per_query = query["recall_at_10_per_query"][sign]
+            assert len(per_query) == query["seconds"]["n"] and sum(per_query) / len(per_query) == pytest.approx(query["recall_at_10"][sign])
+            assert 0 <= query["flagged_incomplete"][sign] <= query["seconds"]["n"]
         # the k-th best exact score of each sign over the sketch's noise: positive (the top and bottom 10 have their
         # sign) and finite, for every query
         for sign in "+-":
