@@ -23,6 +23,7 @@ block whitened and hashed while it is in the cache (`gradients.rotated_gradient_
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,6 +35,7 @@ from influence.gradients import rotated_gradient_blocks
 from influence.preconditioner import rotate
 
 
+@lru_cache(maxsize=None)  # asked for every block of every batch
 def hash_seed(seed: int, module: str, purpose: str) -> int:
     """An odd 63-bit multiplier or offset from (seed, module, purpose): the same in every process."""
     digest = hashlib.blake2b(f"{seed}:{module}:{purpose}".encode(), digest_size=8).digest()
