@@ -30,6 +30,7 @@ import dataclasses
 import shutil
 import sys
 from contextlib import nullcontext
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -45,7 +46,7 @@ from indexes.build import build_index  # noqa: E402
 from indexes.engine import QueryEngine  # noqa: E402
 from influence import CorpusArgs, FactorArgs, IndexArgs, QueryArgs, ScoreArgs, compute_scores, fit_factors  # noqa: E402
 from influence import load_sequences, prepare_corpus  # noqa: E402
-from influence.artifacts import write_parquet  # noqa: E402
+from influence.artifacts import atomic_path, read_json, write_json, write_parquet  # noqa: E402
 from influence.models import describe_model, load_tokenizer  # noqa: E402
 from influence.queries import Query, tokenize_query  # noqa: E402
 from influence.scores import rotated_query_gradients  # noqa: E402
@@ -103,46 +104,114 @@ def peaks() -> dict:
     return {"driver_mb": common.peak_rss_mb(), "workers": common.process_peaks("StageWorker")}
 
 
-def run_model(name: str, model_dir: Path, settings: Settings, work: Path, executor) -> dict:
+class StageLog:
+    """Each finished stage's figures in `<work>/stages.json`, so that `--resume` starts an interrupted run at its first
+    unfinished stage (Gemma over 1,000 documents takes longer than a working session here). A stage not recorded there
+    runs from scratch: its outputs are deleted first, so a time is always one whole run of the stage, never the rest of
+    a resumed one. The log is refused when the commit, settings or model differ from those it was started with."""
+
+    def __init__(self, work: Path, identity: dict, resume: bool):
+        self.path, self.identity, self.resumed = work / "stages.json", identity, []
+        saved = read_json(self.path) if resume and self.path.exists() else None
+        if saved is not None and saved["identity"] != identity:
+            was = saved["identity"]
+            changed = ", ".join(f"{k}={was.get(k)!r}" for k in sorted(set(identity) | set(was)) if identity.get(k) != was.get(k))
+            raise SystemExit(f"error: {self.path} was started with {changed}; resume from that commit with the same "
+                             f"arguments, or run without --resume to start over")
+        if saved is None:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+        self.stages: dict = saved["stages"] if saved else {}
+
+    def run(self, name: str, outputs: list[Path], stage) -> dict:
+        """`stage()`'s figures, or those recorded by an earlier run of this log."""
+        if name in self.stages:
+            self.resumed.append(name)
+            return self.stages[name]
+        for path in outputs:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        figures = common.jsonable({**stage(), "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        self.stages[name] = figures
+        write_json(self.path, {"identity": self.identity, "stages": self.stages})
+        return figures
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactScan:
+    """The full exact scan's scores, kept in the run's directory for a resumed run's query stage."""
+    seq_ids: np.ndarray
+    scores: np.ndarray
+
+    def save(self, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, seq_ids=self.seq_ids, scores=self.scores)
+
+    @classmethod
+    def load(cls, path: Path) -> "ExactScan":
+        with np.load(path) as saved:
+            return cls(saved["seq_ids"], saved["scores"])
+
+
+def run_model(name: str, model_dir: Path, settings: Settings, work: Path, executor, resume: bool = False) -> dict:
     """Every stage of one model, timed, with its quality figures."""
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    docs_path = work / "documents.parquet"
-    write_parquet(docs_path, documents(settings.docs))
-    with common.Timer() as timer:
-        corpus = prepare_corpus(docs_path, model_dir, work / "corpus", CorpusArgs(max_length=settings.max_length), progress=False)
-    sequences, manifest = load_sequences(corpus)
-    result: dict = {"model": name, "model_dir": str(model_dir), "parameters": describe_model(model_dir).parameters,
-                    "modules": len(describe_model(model_dir).modules), "documents": manifest["num_documents"],
-                    "sequences": sequences.num_rows, "tokens": manifest["num_tokens"], "corpus_seconds": timer.seconds}
+    log = StageLog(work, {"commit": common.git_commit(), "settings": dataclasses.asdict(settings), "model": name,
+                          "model_dir": str(model_dir)}, resume)
+    docs_path, corpus = work / "documents.parquet", work / "corpus"
+
+    def corpus_stage() -> dict:
+        write_parquet(docs_path, documents(settings.docs))
+        with common.Timer() as timer:
+            prepare_corpus(docs_path, model_dir, corpus, CorpusArgs(max_length=settings.max_length), progress=False)
+        sequences, manifest = load_sequences(corpus)
+        return {"parameters": describe_model(model_dir).parameters, "modules": len(describe_model(model_dir).modules),
+                "documents": manifest["num_documents"], "sequences": sequences.num_rows, "tokens": manifest["num_tokens"],
+                "corpus_seconds": timer.seconds}
+
+    result: dict = {"model": name, "model_dir": str(model_dir), **log.run("corpus", [docs_path, corpus], corpus_stage)}
+    sequences, _ = load_sequences(corpus)
     batch_tokens = settings.batch_tokens
-    result["bare"] = common.bare_forward_backward(model_dir, sequences, batch_tokens, executor, repeats=1)
+    result["bare"] = log.run("bare", [], lambda: common.bare_forward_backward(model_dir, sequences, batch_tokens, executor, repeats=1))
     bare_rate = result["bare"]["tokens_per_s"]
 
-    common.reset_peaks("StageWorker")
-    with common.Timer() as timer:
-        factors = fit_factors(model_dir, corpus, work / "factors", FactorArgs(progress=False, batch_tokens=batch_tokens), executor)
-    result["fit"] = {"seconds": timer.seconds, "tokens_per_s": result["tokens"] / timer.seconds,
-                     "ratio_to_bare": result["tokens"] / timer.seconds / bare_rate, "peak_rss": peaks(),
-                     "bytes_on_disk": sum(common.dir_bytes(factors).values())}
-    common.reset_peaks("StageWorker")
-    with common.Timer() as timer:  # the workers keep the model from the fit and drop its basis (`Workspace.task`)
-        index = build_index(model_dir, factors, corpus, work / "index", IndexArgs(progress=False, batch_tokens=batch_tokens), executor)
-    index_bytes = sum(common.dir_bytes(index).values())
-    result["index"] = {"seconds": timer.seconds, "tokens_per_s": result["tokens"] / timer.seconds,
-                       "ratio_to_bare": result["tokens"] / timer.seconds / bare_rate, "peak_rss": peaks(),
-                       "bytes_on_disk": index_bytes, "bytes_per_sequence": index_bytes / sequences.num_rows,
-                       "bytes_per_document": index_bytes / result["documents"]}
+    def timed(build, out: Path) -> dict:
+        common.reset_peaks("StageWorker")
+        with common.Timer() as timer:
+            build(out)
+        return {"seconds": timer.seconds, "tokens_per_s": result["tokens"] / timer.seconds,
+                "ratio_to_bare": result["tokens"] / timer.seconds / bare_rate, "peak_rss": peaks(),
+                "bytes_on_disk": sum(common.dir_bytes(out).values())}
+
+    factors, index = work / "factors", work / "index"
+    result["fit"] = log.run("fit", [factors], lambda: timed(
+        lambda out: fit_factors(model_dir, corpus, out, FactorArgs(progress=False, batch_tokens=batch_tokens), executor), factors))
+    # the workers keep the model from the fit and drop its basis (`Workspace.task`)
+    result["index"] = log.run("index", [index], lambda: timed(
+        lambda out: build_index(model_dir, factors, corpus, out, IndexArgs(progress=False, batch_tokens=batch_tokens), executor), index))
+    result["index"].update(bytes_per_sequence=result["index"]["bytes_on_disk"] / sequences.num_rows,
+                           bytes_per_document=result["index"]["bytes_on_disk"] / result["documents"])
 
     tokenizer = load_tokenizer(model_dir)
     queries = first_exchange_queries(load_documents_table(docs_path), settings.queries, tokenizer, describe_model(model_dir).context)
-    with common.Timer() as timer:
-        exact = compute_scores(model_dir, factors, corpus, queries, ScoreArgs(progress=False, batch_tokens=batch_tokens), executor=executor)
-    result["exact"] = {"seconds": timer.seconds, "queries": len(queries)}
+    exact_path = work / "exact.npz"
+
+    def exact_stage() -> dict:
+        with common.Timer() as timer:
+            scan = compute_scores(model_dir, factors, corpus, queries, ScoreArgs(progress=False, batch_tokens=batch_tokens), executor=executor)
+        ExactScan(scan.seq_ids, scan.scores).save(exact_path)
+        return {"seconds": timer.seconds, "queries": len(queries)}
+
+    result["exact"] = log.run("exact", [exact_path], exact_stage)
     executor.release()  # the queries run in this process: the workers' model and factors would sit beside its own
-    result["query"] = query_figures(index, queries, exact, settings, result["bare"])
+    result["query"] = log.run("query", [], lambda: query_figures(index, queries, ExactScan.load(exact_path), settings, result["bare"]))
     if settings.kronfluence_docs:
-        result["kronfluence"] = kronfluence_ratio(model_dir, corpus, work, settings)
+        result["kronfluence"] = log.run("kronfluence", [work / "kronfluence", work / "kronfluence_corpus", work / "engine_subset_factors"],
+                                        lambda: kronfluence_ratio(model_dir, corpus, work, settings))
+    # stages whose figures an earlier invocation recorded (`--resume`); each stage's `finished_at` says when
+    result["resumed_stages"] = log.resumed
     return result
 
 
@@ -262,6 +331,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny stand-ins of both architectures, in this process")
     parser.add_argument("--work-dir", type=Path, default=common.WORK / "real_models")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the stages an interrupted run of the same commit and arguments finished (in --work-dir)")
     ns = parser.parse_args(argv)
     settings = QUICK if ns.quick else Settings(docs=ns.docs, queries=ns.queries, workers=ns.workers, kronfluence_docs=ns.kronfluence_docs,
                                                         batch_tokens=ns.batch_tokens)
@@ -270,7 +341,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     results = []
     for name, model_dir in models.items():  # each model on fresh workers
         with RayExecutor(settings.workers) if settings.workers else nullcontext(LocalExecutor()) as executor:
-            results.append(run_model(name, model_dir.resolve(), settings, ns.work_dir / "runs" / name, executor))
+            results.append(run_model(name, model_dir.resolve(), settings, ns.work_dir / "runs" / name, executor, ns.resume))
     result = {"settings": dataclasses.asdict(settings), "models": results, "machine": common.finish_machine(facts)}
     result["markdown"] = markdown(result)
     out = ns.out or common.default_out("real_models", ns.quick)

@@ -40,3 +40,10 @@ def test_real_models_quick(run_quick):
         if "skipped" not in r["kronfluence"]:
             assert math.isfinite(r["kronfluence"]["fit_time_ratio"]) and r["kronfluence"]["fit_time_ratio"] > 0
     assert "| tiny-gemma3 |" in stdout
+    assert all(r["resumed_stages"] == [] for r in result["models"])
+
+    # run again with --resume: every stage's figures come from the first run's log, none is run again
+    again, _ = run_quick("real_models.py", "--resume")
+    for first, resumed in zip(result["models"], again["models"]):
+        assert resumed["resumed_stages"] == ["corpus", "bare", "fit", "index", "exact", "query", "kronfluence"]
+        assert {k: v for k, v in resumed.items() if k != "resumed_stages"} == {k: v for k, v in first.items() if k != "resumed_stages"}
