@@ -1,0 +1,184 @@
+"""How many bytes per document the sketch needs on a real model: recall@10 of the exact top-10 by candidate depth, for
+sketches of 2^10 numbers per document up to `--max-dim`, and what a query re-ranking that deep would cost.
+
+It reads a `real_models.py` run's directory (`<work-dir>/runs/<model>`): its corpus, factors, queries, the exact scan
+of those queries (`exact.npz`) and its measured figures (`stages.json`: the bare loop's seconds per sequence, the
+default query's seconds per re-ranked candidate). It builds one more index, at `--max-dim` with its float32 shards
+kept (`IndexArgs(keep_shards=True)`); a smaller sketch is that one folded (`indexes.search.fold`: for power-of-two
+dimensions, exactly the numbers an index of that dimension holds, tests/indexes/test_tiers.py), then rounded to 4 bits
+as the store keeps it (`encode_sketches`; the JSON also has the unrounded depths).
+
+Per dimension and sign: recall@10 at depths 10, 20, 50, ... candidates per sign; the depth at which the mean recall
+over the queries first reaches 0.95; and the query that depth implies, in bare forward+backward passes: 2 x depth x the
+run's re-rank seconds per candidate / the bare loop's seconds per sequence (an estimate: the query's own gradient
+and scan are left out). Issue 13's goals ask for at most 20 passes at recall 0.95 and at most 8 KiB per document.
+
+    python benchmarks/real_models.py --models models --only smollm2-135m-instruct --docs 1000 --queries 3 \\
+        --work-dir W ...                                                   # first: the run this reads
+    python benchmarks/sketch_budget.py --run W/runs/smollm2-135m-instruct --max-dim 262144
+    python benchmarks/sketch_budget.py --quick         # a tiny Llama's quick run, then this on it: a minute; temp path
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common  # noqa: E402  (sets the environment before torch is imported)
+
+import numpy as np  # noqa: E402
+
+from benchmarks import real_models  # noqa: E402
+from indexes.build import build_index  # noqa: E402
+from indexes.engine import QueryEngine  # noqa: E402
+from indexes.search import SketchStore, encode_sketches, fold  # noqa: E402
+from indexes.shards import load_shard_rows, load_shard_sketches  # noqa: E402
+from influence import IndexArgs, QueryArgs  # noqa: E402
+from influence.artifacts import read_json  # noqa: E402
+from influence.models import describe_model, load_tokenizer  # noqa: E402
+from influence.scores import rotated_query_gradients  # noqa: E402
+from influence.stage import LocalExecutor  # noqa: E402
+from jobs.runner import RayExecutor  # noqa: E402
+
+DEPTHS = (10, 20, 50, 100, 200, 400, 1000)
+TARGET_RECALL = 0.95
+MIN_DIM = 1024
+
+
+def full_sketches(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """An index of the run's corpus at `max_dim` with its float shards kept: (seq_ids (n,), float32 sketches (n, max_dim),
+    the build's figures)."""
+    index = work / f"index_{max_dim}"
+    shutil.rmtree(index, ignore_errors=True)  # built whole each time: its seconds are a figure
+    args = IndexArgs(sketch_dim=max_dim, keep_shards=True, factory="none", batch_tokens=batch_tokens, progress=False)
+    with RayExecutor(workers) if workers else nullcontext(LocalExecutor()) as executor, common.Timer() as timer:
+        build_index(_model_dir(run), run / "factors", run / "corpus", index, args, executor)
+    shards = read_json(index / "manifest.json")["num_shards"]
+    seq_ids = np.concatenate([load_shard_rows(index, k, shards)["seq_id"].to_numpy() for k in range(shards)])
+    sketches = np.concatenate([np.asarray(load_shard_sketches(index, k, shards), dtype=np.float32) for k in range(shards)])
+    return seq_ids, sketches, {"dim": max_dim, "seconds": timer.seconds, "path": str(index)}
+
+
+def query_sketches(run: Path, index: Path, max_dim: int) -> np.ndarray:
+    """The run's queries (the rows of its exact scan, in order) sketched by the large index's hash functions."""
+    identity = read_json(run / "stages.json")["identity"]
+    model_dir = _model_dir(run)
+    queries = real_models.first_exchange_queries(real_models.load_documents_table(run / "documents.parquet"),
+                                                 identity["settings"]["queries"], load_tokenizer(model_dir),
+                                                 describe_model(model_dir).context)
+    engine = QueryEngine(index, QueryArgs())
+    sketches, _, _ = engine.sketcher.sketch_rotated(rotated_query_gradients(engine.loaded, engine._tokenize(queries), engine.factors))
+    assert sketches.shape[1] == max_dim
+    return sketches.numpy()
+
+
+def depth_figures(sketch_scores: np.ndarray, exact: np.ndarray, top_k: int) -> dict:
+    """Recall of each sign's exact top k among the top sketch scores, by depth; the depth at which the mean recall over
+    queries first reaches TARGET_RECALL."""
+    n = exact.shape[1]
+    figures: dict = {"recall_at": {}, "depth_for_target": {}}
+    for sign, direction in (("+", 1.0), ("-", -1.0)):
+        ranks = []  # per query: where the sketch puts each exact top-k document (0 = first)
+        for q in range(exact.shape[0]):
+            position = np.empty(n, np.int64)
+            position[np.argsort(-direction * sketch_scores[q], kind="stable")] = np.arange(n)
+            ranks.append(np.sort(position[common.top_ids(exact[q], top_k, sign)]))
+        ranks = np.stack(ranks)  # (queries, k)
+        figures["recall_at"][sign] = {str(d): float((ranks < d).mean()) for d in DEPTHS if d <= n}
+        # the mean recall at depth d is the share of all (query, top-k document) ranks below d
+        figures["depth_for_target"][sign] = int(np.sort(ranks.ravel())[int(np.ceil(round(TARGET_RECALL * ranks.size, 6))) - 1] + 1)
+    return figures
+
+
+def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int) -> dict:
+    stages = read_json(run / "stages.json")["stages"]
+    if "exact" not in stages or "query" not in stages:
+        raise SystemExit(f"error: {run} has no finished exact scan and query stage; finish its real_models.py run first "
+                         f"(--resume keeps what it did)")
+    scan = real_models.ExactScan.load(run / "exact.npz")
+    seq_ids, docs, build = full_sketches(run, work, max_dim, workers, batch_tokens)
+    order = np.argsort(seq_ids)
+    position = order[np.searchsorted(seq_ids, scan.seq_ids, sorter=order)]  # the scan's columns in the index's rows
+    docs = docs[position]
+    queries = query_sketches(run, Path(build["path"]), max_dim)
+    query = stages["query"]
+    per_candidate = query["seconds"]["p50"] / query["candidates_reranked"]["p50"]
+    passes_per_depth = 2 * per_candidate / query["bare_seconds_per_sequence"]  # both signs
+    rows = []
+    dim = MIN_DIM if max_dim >= MIN_DIM else max_dim
+    while dim <= max_dim:
+        folded = fold(docs, dim)
+        codes, steps = encode_sketches(folded)
+        stored = SketchStore(codes, steps, dim).decode(slice(None))
+        query_folded = fold(queries, dim)
+        rounded = depth_figures(query_folded @ stored.T, scan.scores, real_models.Settings.top_k)
+        unrounded = depth_figures(query_folded @ folded.T, scan.scores, real_models.Settings.top_k)
+        depth = max(rounded["depth_for_target"].values())
+        rows.append({"dim": dim, "sketch_bytes_per_sequence": codes.shape[1] + steps.itemsize,
+                     "sketch_bytes_per_document": (codes.shape[1] + steps.itemsize) * len(seq_ids) / stages["corpus"]["documents"],
+                     **rounded, "depth_for_target_unrounded": unrounded["depth_for_target"],
+                     "passes_at_target": depth * passes_per_depth})
+        dim *= 2
+    return {"run": str(run), "model": read_json(run / "stages.json")["identity"]["model"],
+            "documents": stages["corpus"]["documents"], "sequences": len(seq_ids), "queries": int(scan.scores.shape[0]),
+            "target_recall": TARGET_RECALL, "index": {**build, "ratio_to_run_index": build["seconds"] / stages["index"]["seconds"]},
+            "rerank_seconds_per_candidate": per_candidate, "bare_seconds_per_sequence": query["bare_seconds_per_sequence"],
+            "dims": rows}
+
+
+def _model_dir(run: Path) -> Path:
+    return Path(read_json(run / "stages.json")["identity"]["model_dir"])
+
+
+def markdown(result: dict) -> str:
+    lines = [f"{result['model']}, {result['documents']} documents ({result['sequences']} sequences), {result['queries']} queries",
+             "", "| numbers per document | sketch bytes per document | recall@10 at 10 per sign +/- | at 200 +/- | "
+             f"depth for recall {result['target_recall']} +/- | unrounded +/- | est. query passes |",
+             "|---|---|---|---|---|---|---|"]
+    for row in result["dims"]:
+        at = row["recall_at"]
+        lines.append(f"| {row['dim']} | {row['sketch_bytes_per_document']:.0f} | {at['+']['10']:.2f} / {at['-']['10']:.2f} | "
+                     f"{at['+'].get('200', float('nan')):.2f} / {at['-'].get('200', float('nan')):.2f} | "
+                     f"{row['depth_for_target']['+']} / {row['depth_for_target']['-']} | "
+                     f"{row['depth_for_target_unrounded']['+']} / {row['depth_for_target_unrounded']['-']} | "
+                     f"{row['passes_at_target']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, help="a real_models.py run directory (<work-dir>/runs/<model>) with its exact scan")
+    parser.add_argument("--max-dim", type=int, default=2**18, help="the largest sketch (a power of two); the smaller ones fold it")
+    parser.add_argument("--workers", type=int, default=2, help="Ray workers of the large index's build; 0: this process")
+    parser.add_argument("--batch-tokens", type=int, default=1024)
+    parser.add_argument("--quick", action="store_true", help="a tiny Llama's quick real_models.py run, then this on it")
+    parser.add_argument("--work-dir", type=Path, default=common.WORK / "sketch_budget")
+    parser.add_argument("--out", type=Path, default=None)
+    ns = parser.parse_args(argv)
+    if ns.max_dim < 2 or ns.max_dim & (ns.max_dim - 1):
+        parser.error(f"--max-dim must be a power of two (folding is exact only between powers of two), not {ns.max_dim}")
+    facts = common.machine_facts()
+    run, max_dim, workers = ns.run, ns.max_dim, ns.workers
+    if ns.quick:
+        [(name, model_dir)] = [(k, v) for k, v in real_models.quick_models(ns.work_dir).items() if k == "tiny-llama"]
+        run, max_dim, workers = ns.work_dir / "runs" / name, 4096, 0
+        real_models.run_model(name, model_dir.resolve(), real_models.QUICK, run, LocalExecutor(), resume=True)
+    elif run is None or not (run / "stages.json").is_file():
+        parser.error(f"--run must be a real_models.py run directory (with stages.json); got {run}")
+    result = budget(run.resolve(), ns.work_dir / "budget", max_dim, workers, ns.batch_tokens)
+    result["machine"] = common.finish_machine(facts)
+    result["markdown"] = markdown(result)
+    out = ns.out or common.default_out("sketch_budget", ns.quick)
+    common.write_results(out, result, common.command_line("sketch_budget.py", argv))
+    print(result["markdown"])
+    print(f"written to {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
