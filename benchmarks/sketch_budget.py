@@ -2,16 +2,16 @@
 sketches of 2^10 numbers per document up to `--max-dim`, and what a query re-ranking that deep would cost.
 
 It reads a `real_models.py` run's directory (`<work-dir>/runs/<model>`): its corpus, factors, queries, the exact scan
-of those queries (`exact.npz`) and its measured figures (`stages.json`: the bare loop's seconds per sequence, the
-default query's seconds per re-ranked candidate). It builds one more index, at `--max-dim` with its float32 shards
+of those queries (`exact.npz`) and its bare loop's seconds per sequence (`stages.json`); the run needs to have
+finished its exact scan, not its query stage. It builds one more index, at `--max-dim` with its float32 shards
 kept (`IndexArgs(keep_shards=True)`); a smaller sketch is that one folded (`indexes.search.fold`: for power-of-two
 dimensions, exactly the numbers an index of that dimension holds, tests/indexes/test_tiers.py), then rounded to 4 bits
 as the store keeps it (`encode_sketches`; the JSON also has the unrounded depths).
 
 Per dimension and sign: recall@10 at depths 10, 20, 50, ... candidates per sign; the depth at which the mean recall
-over the queries first reaches 0.95; and the query that depth implies, in bare forward+backward passes: 2 x depth x the
-run's re-rank seconds per candidate / the bare loop's seconds per sequence (an estimate: the query's own gradient
-and scan are left out). Issue 13's goals ask for at most 20 passes at recall 0.95 and at most 8 KiB per document.
+over the queries first reaches 0.95; and the query that depth implies, in bare forward+backward passes: 2 x depth x
+seconds per re-ranked candidate (measured here: each query answered with 20 candidates per sign, all re-ranked) / the
+bare loop's seconds per sequence (an estimate: the query's own gradient and scan are left out). Issue 13's goals ask for at most 20 passes at recall 0.95 and at most 8 KiB per document.
 
     python benchmarks/real_models.py --models models --only smollm2-135m-instruct --docs 1000 --queries 3 \\
         --work-dir W ...                                                   # first: the run this reads
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common  # noqa: E402  (sets the environment before torch is imported)
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from benchmarks import real_models  # noqa: E402
 from indexes.build import build_index  # noqa: E402
@@ -48,6 +49,7 @@ from jobs.runner import RayExecutor  # noqa: E402
 DEPTHS = (10, 20, 50, 100, 200, 400, 1000)
 TARGET_RECALL = 0.95
 MIN_DIM = 1024
+RERANK_PROBE = 20  # candidates per sign each query re-ranks when the cost of a re-rank is measured
 
 
 def full_sketches(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -64,17 +66,32 @@ def full_sketches(run: Path, work: Path, max_dim: int, workers: int, batch_token
     return seq_ids, sketches, {"dim": max_dim, "seconds": timer.seconds, "path": str(index)}
 
 
-def query_sketches(run: Path, index: Path, max_dim: int) -> np.ndarray:
-    """The run's queries (the rows of its exact scan, in order) sketched by the large index's hash functions."""
+def queries_and_rerank_cost(run: Path, index: Path, max_dim: int, batch_tokens: int) -> tuple[np.ndarray, dict]:
+    """The run's queries (the rows of its exact scan, in order) sketched by the large index's hash functions, and what
+    re-ranking a candidate costs: each query answered once with `RERANK_PROBE` candidates per sign, all re-ranked (as
+    `real_models.py` answers queries: one torch thread, per-token breakdowns, after a warm-up query)."""
     identity = read_json(run / "stages.json")["identity"]
     model_dir = _model_dir(run)
     queries = real_models.first_exchange_queries(real_models.load_documents_table(run / "documents.parquet"),
                                                  identity["settings"]["queries"], load_tokenizer(model_dir),
                                                  describe_model(model_dir).context)
-    engine = QueryEngine(index, QueryArgs())
-    sketches, _, _ = engine.sketcher.sketch_rotated(rotated_query_gradients(engine.loaded, engine._tokenize(queries), engine.factors))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = QueryEngine(index, QueryArgs(candidates=RERANK_PROBE, adaptive=False, batch_tokens=batch_tokens))
+        sketches, _, _ = engine.sketcher.sketch_rotated(rotated_query_gradients(engine.loaded, engine._tokenize(queries), engine.factors))
+        engine.query(queries[:1])  # warm-up: caches, allocator
+        seconds, candidates = [], []
+        for query in queries:
+            with common.Timer() as timer:
+                [answer] = engine.query([query])
+            seconds.append(timer.seconds)
+            candidates.append(answer.num_candidates)
+    finally:
+        torch.set_num_threads(threads)
     assert sketches.shape[1] == max_dim
-    return sketches.numpy()
+    return sketches.numpy(), {"probe_candidates_per_sign": RERANK_PROBE, "seconds": seconds, "candidates": candidates,
+                              "seconds_per_candidate": float(np.median(np.asarray(seconds) / np.asarray(candidates)))}
 
 
 def depth_figures(sketch_scores: np.ndarray, exact: np.ndarray, top_k: int) -> dict:
@@ -97,38 +114,44 @@ def depth_figures(sketch_scores: np.ndarray, exact: np.ndarray, top_k: int) -> d
 
 def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int) -> dict:
     stages = read_json(run / "stages.json")["stages"]
-    if "exact" not in stages or "query" not in stages:
-        raise SystemExit(f"error: {run} has no finished exact scan and query stage; finish its real_models.py run first "
-                         f"(--resume keeps what it did)")
+    if "exact" not in stages:
+        raise SystemExit(f"error: {run} has no finished exact scan; run its real_models.py command again with --resume "
+                         f"(it keeps the stages it finished)")
     scan = real_models.ExactScan.load(run / "exact.npz")
     seq_ids, docs, build = full_sketches(run, work, max_dim, workers, batch_tokens)
     order = np.argsort(seq_ids)
     position = order[np.searchsorted(seq_ids, scan.seq_ids, sorter=order)]  # the scan's columns in the index's rows
     docs = docs[position]
-    queries = query_sketches(run, Path(build["path"]), max_dim)
-    query = stages["query"]
-    per_candidate = query["seconds"]["p50"] / query["candidates_reranked"]["p50"]
-    passes_per_depth = 2 * per_candidate / query["bare_seconds_per_sequence"]  # both signs
+    queries, rerank = queries_and_rerank_cost(run, Path(build["path"]), max_dim, batch_tokens)
+    bare = stages["bare"]
+    bare_per_sequence = bare["seconds"] / bare["sequences"] * (bare.get("workers_seen") or 1)  # one worker's time per sequence
+    passes_per_depth = 2 * rerank["seconds_per_candidate"] / bare_per_sequence  # both signs
     rows = []
-    dim = MIN_DIM if max_dim >= MIN_DIM else max_dim
-    while dim <= max_dim:
-        folded = fold(docs, dim)
+    dim, folded, query_folded = max_dim, docs, queries
+    del docs  # from the largest sketch down, each fold halving the previous: one large array at a time
+    while True:
         codes, steps = encode_sketches(folded)
-        stored = SketchStore(codes, steps, dim).decode(slice(None))
-        query_folded = fold(queries, dim)
-        rounded = depth_figures(query_folded @ stored.T, scan.scores, real_models.Settings.top_k)
+        rounded = depth_figures(stored_scores(SketchStore(codes, steps, dim), query_folded), scan.scores, real_models.Settings.top_k)
         unrounded = depth_figures(query_folded @ folded.T, scan.scores, real_models.Settings.top_k)
         depth = max(rounded["depth_for_target"].values())
-        rows.append({"dim": dim, "sketch_bytes_per_sequence": codes.shape[1] + steps.itemsize,
-                     "sketch_bytes_per_document": (codes.shape[1] + steps.itemsize) * len(seq_ids) / stages["corpus"]["documents"],
-                     **rounded, "depth_for_target_unrounded": unrounded["depth_for_target"],
-                     "passes_at_target": depth * passes_per_depth})
-        dim *= 2
+        rows.insert(0, {"dim": dim, "sketch_bytes_per_sequence": codes.shape[1] + steps.itemsize,
+                        "sketch_bytes_per_document": (codes.shape[1] + steps.itemsize) * len(seq_ids) / stages["corpus"]["documents"],
+                        **rounded, "depth_for_target_unrounded": unrounded["depth_for_target"],
+                        "passes_at_target": depth * passes_per_depth})
+        if dim // 2 < min(MIN_DIM, max_dim):
+            break
+        dim //= 2
+        folded, query_folded = fold(folded, dim), fold(query_folded, dim)
     return {"run": str(run), "model": read_json(run / "stages.json")["identity"]["model"],
             "documents": stages["corpus"]["documents"], "sequences": len(seq_ids), "queries": int(scan.scores.shape[0]),
             "target_recall": TARGET_RECALL, "index": {**build, "ratio_to_run_index": build["seconds"] / stages["index"]["seconds"]},
-            "rerank_seconds_per_candidate": per_candidate, "bare_seconds_per_sequence": query["bare_seconds_per_sequence"],
+            "rerank": rerank, "rerank_seconds_per_candidate": rerank["seconds_per_candidate"], "bare_seconds_per_sequence": bare_per_sequence,
             "dims": rows}
+
+
+def stored_scores(store: SketchStore, queries: np.ndarray, block: int = 256) -> np.ndarray:
+    """(q, n) inner products of the queries with every row as the store decodes it, a block of rows at a time."""
+    return np.concatenate([queries @ store.decode(slice(start, start + block)).T for start in range(0, store.ntotal, block)], axis=1)
 
 
 def _model_dir(run: Path) -> Path:
@@ -167,7 +190,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if ns.quick:
         [(name, model_dir)] = [(k, v) for k, v in real_models.quick_models(ns.work_dir).items() if k == "tiny-llama"]
         run, max_dim, workers = ns.work_dir / "runs" / name, 4096, 0
-        real_models.run_model(name, model_dir.resolve(), real_models.QUICK, run, LocalExecutor(), resume=True)
+        real_models.run_model(name, model_dir.resolve(), real_models.QUICK, run, LocalExecutor())
     elif run is None or not (run / "stages.json").is_file():
         parser.error(f"--run must be a real_models.py run directory (with stages.json); got {run}")
     result = budget(run.resolve(), ns.work_dir / "budget", max_dim, workers, ns.batch_tokens)
