@@ -167,6 +167,17 @@ def write_results(path: Path, result: dict[str, Any], command: str) -> Path:
     return Path(path)
 
 
+def publish(script: str, result: dict[str, Any], facts: dict[str, Any], table: str, out: Optional[Path], quick: bool,
+            argv: Optional[Sequence[str]]) -> Path:
+    """Finish a benchmark whose result has a markdown table: the machine's end facts and the table into the result, the
+    JSON written (`out`, else `default_out`), the table and the path printed; returns the path."""
+    result.update(machine=finish_machine(facts), markdown=table)
+    path = write_results(out or default_out(Path(script).stem, quick), result, command_line(script, argv))
+    print(table)
+    print(f"written to {path}")
+    return path
+
+
 # --------------------------------------------------------------------------- statistics
 
 

@@ -342,12 +342,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for name, model_dir in models.items():  # each model on fresh workers
         with RayExecutor(settings.workers) if settings.workers else nullcontext(LocalExecutor()) as executor:
             results.append(run_model(name, model_dir.resolve(), settings, ns.work_dir / "runs" / name, executor, ns.resume))
-    result = {"settings": dataclasses.asdict(settings), "models": results, "machine": common.finish_machine(facts)}
-    result["markdown"] = markdown(result)
-    out = ns.out or common.default_out("real_models", ns.quick)
-    common.write_results(out, result, common.command_line("real_models.py", argv))
-    print(result["markdown"])
-    print(f"written to {out}")
+    result = {"settings": dataclasses.asdict(settings), "models": results}
+    common.publish("real_models.py", result, facts, markdown(result), ns.out, ns.quick, argv)
     return result
 
 

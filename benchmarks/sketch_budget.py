@@ -194,12 +194,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     elif run is None or not (run / "stages.json").is_file():
         parser.error(f"--run must be a real_models.py run directory (with stages.json); got {run}")
     result = budget(run.resolve(), ns.work_dir / "budget", max_dim, workers, ns.batch_tokens)
-    result["machine"] = common.finish_machine(facts)
-    result["markdown"] = markdown(result)
-    out = ns.out or common.default_out("sketch_budget", ns.quick)
-    common.write_results(out, result, common.command_line("sketch_budget.py", argv))
-    print(result["markdown"])
-    print(f"written to {out}")
+    common.publish("sketch_budget.py", result, facts, markdown(result), ns.out, ns.quick, argv)
     return result
 
 
