@@ -464,17 +464,14 @@ def first_exchange_queries(documents: pa.Table, count: int, model_dir: Path, max
 def sketch_scores(engine, queries: Sequence[Query]) -> tuple[np.ndarray, np.ndarray]:
     """What the index ranks by: <sketch(q), sketch(z)> for every stored row, and ||W(q)|| (the exact whitened norms).
 
-    The query sketches are the engine's own (its model, tokenizer and sketcher); the inner products with every row
-    of its 4-bit store come from `search_both_signs` asked for all rows. Returns (queries, sequences) scores in
-    seq_id order (rows the index does not hold stay NaN) and (queries,) norms.
+    The query sketches are the engine's own (`QueryEngine.sketch_queries`); the inner products with every row of its
+    4-bit store come from `search_both_signs` asked for all rows. Returns (queries, sequences) scores in seq_id order
+    (rows the index does not hold stay NaN) and (queries,) norms.
     """
     from indexes.search import search_both_signs
-    from influence.queries import tokenize_query
-    from influence.scores import query_gradients
 
-    tokenized = [tokenize_query(q, engine.tokenizer, engine.context) for q in queries]
-    sketches, norms = engine.sketcher.sketch_gradients(query_gradients(engine.loaded, tokenized))
-    (scores, rows), _ = search_both_signs(engine.store, sketches.numpy(), len(engine.seq_ids))
+    sketches, norms = engine.sketch_queries(queries)
+    (scores, rows), _ = search_both_signs(engine.store, sketches, len(engine.seq_ids))
     out = np.full((len(queries), engine.sequences.num_rows), np.nan)
     for qi in range(len(queries)):
         out[qi, engine.seq_ids[rows[qi]]] = scores[qi]

@@ -32,7 +32,7 @@ import sys
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common  # noqa: E402  (sets the environment before torch is imported)
@@ -49,7 +49,6 @@ from influence import load_sequences, prepare_corpus  # noqa: E402
 from influence.artifacts import atomic_path, read_json, write_json, write_parquet  # noqa: E402
 from influence.models import describe_model, load_tokenizer  # noqa: E402
 from influence.queries import Query, tokenize_query  # noqa: E402
-from influence.scores import rotated_query_gradients  # noqa: E402
 from influence.stage import LocalExecutor  # noqa: E402
 from jobs.demo import shutdown_queries  # noqa: E402
 from jobs.demo.chatterbot import chatterbot_documents  # noqa: E402
@@ -161,13 +160,14 @@ def run_model(name: str, model_dir: Path, settings: Settings, work: Path, execut
     log = StageLog(work, {"commit": common.git_commit(), "settings": dataclasses.asdict(settings), "model": name,
                           "model_dir": str(model_dir)}, resume)
     docs_path, corpus = work / "documents.parquet", work / "corpus"
+    spec = describe_model(model_dir)
 
     def corpus_stage() -> dict:
         write_parquet(docs_path, documents(settings.docs))
         with common.Timer() as timer:
             prepare_corpus(docs_path, model_dir, corpus, CorpusArgs(max_length=settings.max_length), progress=False)
         sequences, manifest = load_sequences(corpus)
-        return {"parameters": describe_model(model_dir).parameters, "modules": len(describe_model(model_dir).modules),
+        return {"parameters": spec.parameters, "modules": len(spec.modules),
                 "documents": manifest["num_documents"], "sequences": sequences.num_rows, "tokens": manifest["num_tokens"],
                 "corpus_seconds": timer.seconds}
 
@@ -195,7 +195,7 @@ def run_model(name: str, model_dir: Path, settings: Settings, work: Path, execut
                            bytes_per_document=result["index"]["bytes_on_disk"] / result["documents"])
 
     tokenizer = load_tokenizer(model_dir)
-    queries = first_exchange_queries(load_documents_table(docs_path), settings.queries, tokenizer, describe_model(model_dir).context)
+    queries = first_exchange_queries(load_documents_table(docs_path), settings.queries, tokenizer, spec.context)
     exact_path = work / "exact.npz"
 
     def exact_stage() -> dict:
@@ -231,7 +231,7 @@ def query_figures(index: Path, queries: list[Query], exact, settings: Settings, 
         seconds, candidates, recall, flagged = [], [], {"+": [], "-": []}, {"+": 0, "-": 0}
         separation: dict[str, list] = {"+": [], "-": []}
         column = {int(s): i for i, s in enumerate(exact.seq_ids)}
-        _, query_norms, _ = engine.sketcher.sketch_rotated(rotated_query_gradients(engine.loaded, engine._tokenize(queries), engine.factors))
+        _, query_norms = engine.sketch_queries(queries)
         for qi, query in enumerate(queries):
             # why the adaptive re-rank can or cannot stop early: the k-th best exact score of each sign in units of the
             # sketch's noise at the median document (a stop needs the rest's sketch scores + stop_margin noise below it)
@@ -286,14 +286,15 @@ def kronfluence_ratio(model_dir: Path, corpus: Path, work: Path, settings: Setti
             "fit_time_ratio": engine_timer.seconds / peer["fit_seconds"], "kronfluence_version": peer["version"]}
 
 
-def quick_models(work: Path) -> dict[str, Path]:
-    """Tiny stand-ins of both architectures, built from configs and briefly trained on the benchmark's documents."""
+def quick_models(work: Path, architectures: Sequence[str] = ("llama", "gemma3")) -> dict[str, Path]:
+    """Tiny stand-ins of the architectures (by default both), built from configs and briefly trained on the benchmark's
+    documents: {"tiny-<architecture>": model directory}."""
     from jobs.demo.tiny import build_model, build_tokenizer, train_model
 
     docs = documents(QUICK.docs)["text"].to_pylist()
     tokenizer = build_tokenizer(docs, 400)
     models = {}
-    for architecture in ("llama", "gemma3"):
+    for architecture in architectures:
         model_dir = work / "models" / architecture
         if not (model_dir / "training.json").exists():
             build_model(model_dir, tokenizer, architecture, hidden=32, layers=2, heads=2, context=256)

@@ -42,7 +42,6 @@ from indexes.shards import load_shard_rows, load_shard_sketches  # noqa: E402
 from influence import IndexArgs, QueryArgs  # noqa: E402
 from influence.artifacts import read_json  # noqa: E402
 from influence.models import describe_model, load_tokenizer  # noqa: E402
-from influence.scores import rotated_query_gradients  # noqa: E402
 from influence.stage import LocalExecutor  # noqa: E402
 from jobs.runner import RayExecutor  # noqa: E402
 
@@ -52,34 +51,34 @@ MIN_DIM = 1024
 RERANK_PROBE = 20  # candidates per sign each query re-ranks when the cost of a re-rank is measured
 
 
-def full_sketches(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int) -> tuple[np.ndarray, np.ndarray, dict]:
+def full_sketches(run: Path, model_dir: Path, work: Path, max_dim: int, workers: int, batch_tokens: int
+                  ) -> tuple[np.ndarray, np.ndarray, dict]:
     """An index of the run's corpus at `max_dim` with its float shards kept: (seq_ids (n,), float32 sketches (n, max_dim),
     the build's figures)."""
     index = work / f"index_{max_dim}"
     shutil.rmtree(index, ignore_errors=True)  # built whole each time: its seconds are a figure
     args = IndexArgs(sketch_dim=max_dim, keep_shards=True, factory="none", batch_tokens=batch_tokens, progress=False)
     with RayExecutor(workers) if workers else nullcontext(LocalExecutor()) as executor, common.Timer() as timer:
-        build_index(_model_dir(run), run / "factors", run / "corpus", index, args, executor)
+        build_index(model_dir, run / "factors", run / "corpus", index, args, executor)
     shards = read_json(index / "manifest.json")["num_shards"]
     seq_ids = np.concatenate([load_shard_rows(index, k, shards)["seq_id"].to_numpy() for k in range(shards)])
     sketches = np.concatenate([np.asarray(load_shard_sketches(index, k, shards), dtype=np.float32) for k in range(shards)])
     return seq_ids, sketches, {"dim": max_dim, "seconds": timer.seconds, "path": str(index)}
 
 
-def queries_and_rerank_cost(run: Path, index: Path, max_dim: int, batch_tokens: int) -> tuple[np.ndarray, dict]:
+def queries_and_rerank_cost(run: Path, settings: dict, model_dir: Path, index: Path, max_dim: int, batch_tokens: int
+                            ) -> tuple[np.ndarray, dict]:
     """The run's queries (the rows of its exact scan, in order) sketched by the large index's hash functions, and what
     re-ranking a candidate costs: each query answered once with `RERANK_PROBE` candidates per sign, all re-ranked (as
     `real_models.py` answers queries: one torch thread, per-token breakdowns, after a warm-up query)."""
-    identity = read_json(run / "stages.json")["identity"]
-    model_dir = _model_dir(run)
     queries = real_models.first_exchange_queries(real_models.load_documents_table(run / "documents.parquet"),
-                                                 identity["settings"]["queries"], load_tokenizer(model_dir),
+                                                 settings["queries"], load_tokenizer(model_dir),
                                                  describe_model(model_dir).context)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         engine = QueryEngine(index, QueryArgs(candidates=RERANK_PROBE, adaptive=False, batch_tokens=batch_tokens))
-        sketches, _, _ = engine.sketcher.sketch_rotated(rotated_query_gradients(engine.loaded, engine._tokenize(queries), engine.factors))
+        sketches, _ = engine.sketch_queries(queries)
         engine.query(queries[:1])  # warm-up: caches, allocator
         seconds, candidates = [], []
         for query in queries:
@@ -90,7 +89,7 @@ def queries_and_rerank_cost(run: Path, index: Path, max_dim: int, batch_tokens: 
     finally:
         torch.set_num_threads(threads)
     assert sketches.shape[1] == max_dim
-    return sketches.numpy(), {"probe_candidates_per_sign": RERANK_PROBE, "seconds": seconds, "candidates": candidates,
+    return sketches, {"probe_candidates_per_sign": RERANK_PROBE, "seconds": seconds, "candidates": candidates,
                               "seconds_per_candidate": float(np.median(np.asarray(seconds) / np.asarray(candidates)))}
 
 
@@ -113,16 +112,18 @@ def depth_figures(sketch_scores: np.ndarray, exact: np.ndarray, top_k: int) -> d
 
 
 def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int) -> dict:
-    stages = read_json(run / "stages.json")["stages"]
+    log = read_json(run / "stages.json")
+    stages, identity = log["stages"], log["identity"]
+    model_dir = Path(identity["model_dir"])
     if "exact" not in stages:
         raise SystemExit(f"error: {run} has no finished exact scan; run its real_models.py command again with --resume "
                          f"(it keeps the stages it finished)")
     scan = real_models.ExactScan.load(run / "exact.npz")
-    seq_ids, docs, build = full_sketches(run, work, max_dim, workers, batch_tokens)
+    seq_ids, docs, build = full_sketches(run, model_dir, work, max_dim, workers, batch_tokens)
     order = np.argsort(seq_ids)
     position = order[np.searchsorted(seq_ids, scan.seq_ids, sorter=order)]  # the scan's columns in the index's rows
     docs = docs[position]
-    queries, rerank = queries_and_rerank_cost(run, Path(build["path"]), max_dim, batch_tokens)
+    queries, rerank = queries_and_rerank_cost(run, identity["settings"], model_dir, Path(build["path"]), max_dim, batch_tokens)
     bare = stages["bare"]
     bare_per_sequence = bare["seconds"] / bare["sequences"] * (bare.get("workers_seen") or 1)  # one worker's time per sequence
     passes_per_depth = 2 * rerank["seconds_per_candidate"] / bare_per_sequence  # both signs
@@ -142,7 +143,7 @@ def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int)
             break
         dim //= 2
         folded, query_folded = fold(folded, dim), fold(query_folded, dim)
-    return {"run": str(run), "model": read_json(run / "stages.json")["identity"]["model"],
+    return {"run": str(run), "model": identity["model"],
             "documents": stages["corpus"]["documents"], "sequences": len(seq_ids), "queries": int(scan.scores.shape[0]),
             "target_recall": TARGET_RECALL, "index": {**build, "ratio_to_run_index": build["seconds"] / stages["index"]["seconds"]},
             "rerank": rerank, "rerank_seconds_per_candidate": rerank["seconds_per_candidate"], "bare_seconds_per_sequence": bare_per_sequence,
@@ -152,10 +153,6 @@ def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int)
 def stored_scores(store: SketchStore, queries: np.ndarray, block: int = 256) -> np.ndarray:
     """(q, n) inner products of the queries with every row as the store decodes it, a block of rows at a time."""
     return np.concatenate([queries @ store.decode(slice(start, start + block)).T for start in range(0, store.ntotal, block)], axis=1)
-
-
-def _model_dir(run: Path) -> Path:
-    return Path(read_json(run / "stages.json")["identity"]["model_dir"])
 
 
 def markdown(result: dict) -> str:
@@ -188,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     facts = common.machine_facts()
     run, max_dim, workers = ns.run, ns.max_dim, ns.workers
     if ns.quick:
-        [(name, model_dir)] = [(k, v) for k, v in real_models.quick_models(ns.work_dir).items() if k == "tiny-llama"]
+        [(name, model_dir)] = real_models.quick_models(ns.work_dir, ("llama",)).items()
         run, max_dim, workers = ns.work_dir / "runs" / name, 4096, 0
         real_models.run_model(name, model_dir.resolve(), real_models.QUICK, run, LocalExecutor())
     elif run is None or not (run / "stages.json").is_file():

@@ -111,6 +111,14 @@ class QueryEngine:
             scores, _, _ = self._score(prepared, np.asarray(seq_ids, dtype=np.int64), False, self.args.batch_tokens)
         return scores
 
+    def sketch_queries(self, queries: Sequence[Query]) -> tuple[np.ndarray, np.ndarray]:
+        """What the index compares documents with: the queries' sketches (queries, dim) float32, in the index's hash
+        functions, and their exact whitened norms ||W(q)|| (queries,) float64 (the sketch noise scales with them)."""
+        with self._lock:
+            sketches, norms, _ = self.sketcher.sketch_rotated(rotated_query_gradients(self.loaded, self._tokenize(list(queries)),
+                                                                                      self.factors))
+        return sketches.numpy(), norms
+
     def _tokenize(self, queries: list[Query]):
         if len({q.query_id for q in queries}) != len(queries):
             raise InfluenceError("query ids must be unique within a batch of queries")

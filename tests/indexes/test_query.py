@@ -199,6 +199,16 @@ def test_without_rerank_the_top_sketch_scores_come_back_as_estimates(engine, ind
         QueryArgs(rerank=False, generator="bm25")
 
 
+def test_sketch_queries_are_the_sketches_of_their_gradients_in_the_original_basis(engine):
+    sketches, norms = engine.sketch_queries(QUERIES)
+    expected, expected_norms = engine.sketcher.sketch_gradients(query_gradients(engine.loaded, engine._tokenize(QUERIES)))
+    assert sketches.shape == (len(QUERIES), 256) and sketches.dtype == np.float32
+    np.testing.assert_allclose(sketches, expected.numpy(), rtol=1e-4, atol=1e-6 * np.abs(sketches).max())
+    np.testing.assert_allclose(norms, expected_norms, rtol=1e-5)
+    with pytest.raises(InfluenceError, match="unique"):
+        engine.sketch_queries([QUERIES[0], QUERIES[0]])
+
+
 @pytest.mark.parametrize("mode", [[], ["--no-rerank"], ["--no-adaptive", "--candidates", "8"]])
 def test_query_command(index_dir, tmp_path, capsys, mode):
     from jobs.cli import main
