@@ -120,9 +120,11 @@ def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int)
                          f"(it keeps the stages it finished)")
     scan = real_models.ExactScan.load(run / "exact.npz")
     seq_ids, docs, build = full_sketches(run, model_dir, work, max_dim, workers, batch_tokens)
-    order = np.argsort(seq_ids)
-    position = order[np.searchsorted(seq_ids, scan.seq_ids, sorter=order)]  # the scan's columns in the index's rows
-    docs = docs[position]
+    # the scan's columns put in the index's row order (not the rows in the scan's: a second copy of a 5 GB array)
+    if not np.array_equal(np.sort(seq_ids), np.sort(scan.seq_ids)):
+        raise SystemExit(f"error: the index built here holds other sequences than {run}'s exact scan; was its corpus changed?")
+    order = np.argsort(scan.seq_ids)
+    exact = scan.scores[:, order[np.searchsorted(scan.seq_ids, seq_ids, sorter=order)]]
     queries, rerank = queries_and_rerank_cost(run, identity["settings"], model_dir, Path(build["path"]), max_dim, batch_tokens)
     bare = stages["bare"]
     bare_per_sequence = bare["seconds"] / bare["sequences"] * (bare.get("workers_seen") or 1)  # one worker's time per sequence
@@ -131,9 +133,9 @@ def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int)
     dim, folded, query_folded = max_dim, docs, queries
     del docs  # from the largest sketch down, each fold halving the previous: one large array at a time
     while True:
-        codes, steps = encode_sketches(folded)
-        rounded = depth_figures(stored_scores(SketchStore(codes, steps, dim), query_folded), scan.scores, real_models.Settings.top_k)
-        unrounded = depth_figures(query_folded @ folded.T, scan.scores, real_models.Settings.top_k)
+        codes, steps = encoded(folded)
+        rounded = depth_figures(stored_scores(SketchStore(codes, steps, dim), query_folded), exact, real_models.Settings.top_k)
+        unrounded = depth_figures(query_folded @ folded.T, exact, real_models.Settings.top_k)
         depth = max(rounded["depth_for_target"].values())
         rows.insert(0, {"dim": dim, "sketch_bytes_per_sequence": codes.shape[1] + steps.itemsize,
                         "sketch_bytes_per_document": (codes.shape[1] + steps.itemsize) * len(seq_ids) / stages["corpus"]["documents"],
@@ -148,6 +150,13 @@ def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int)
             "target_recall": TARGET_RECALL, "index": {**build, "ratio_to_run_index": build["seconds"] / stages["index"]["seconds"]},
             "rerank": rerank, "rerank_seconds_per_candidate": rerank["seconds_per_candidate"], "bare_seconds_per_sequence": bare_per_sequence,
             "dims": rows}
+
+
+def encoded(sketches: np.ndarray, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """`encode_sketches` a block of rows at a time: its float temporaries of a whole 2^20-number sketch would take
+    several times the sketch's 5 GB."""
+    parts = [encode_sketches(sketches[start:start + block]) for start in range(0, len(sketches), block)]
+    return np.concatenate([codes for codes, _ in parts]), np.concatenate([steps for _, steps in parts])
 
 
 def stored_scores(store: SketchStore, queries: np.ndarray, block: int = 256) -> np.ndarray:
