@@ -21,6 +21,17 @@ def test_sketch_budget_quick(run_quick):
             assert 10 <= depth <= result["sequences"]
             if str(depth) in row["recall_at"][sign]:
                 assert row["recall_at"][sign][str(depth)] >= result["target_recall"]
+        depth = max(row["depth_for_target"].values())
         assert row["passes_at_target"] == pytest.approx(
-            max(row["depth_for_target"].values()) * 2 * result["rerank_seconds_per_candidate"] / result["bare_seconds_per_sequence"])
-    assert "| 4096 |" in stdout
+            (result["rerank"]["fixed_seconds"] + 2 * depth * result["rerank_seconds_per_candidate"]) / result["bare_seconds_per_sequence"])
+    # the re-rank's cost from two answers per query on the run's own index: 10 and 30 candidates per sign, all re-ranked
+    probes = result["rerank"]["probes"]
+    assert [p["candidates_per_sign"] for p in probes] == [10, 30] * 3 and result["rerank"]["index"].endswith("index")
+    assert all(low["candidates"] < high["candidates"] <= 60 for low, high in zip(probes[::2], probes[1::2]))
+    assert result["passes_with_a_perfect_sketch"] == pytest.approx(
+        (result["rerank"]["fixed_seconds"] + 20 * result["rerank_seconds_per_candidate"]) / result["bare_seconds_per_sequence"])
+    assert "| 4096 |" in stdout and "with a perfect sketch" in stdout
+
+    # the large index read again, not rebuilt, when it holds the same factors' sketches of the same corpus
+    again, _ = run_quick("sketch_budget.py", "--reuse-index")
+    assert again["index"]["reused"] and again["index"]["seconds"] is None and not result["index"]["reused"]
