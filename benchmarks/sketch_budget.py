@@ -14,7 +14,8 @@ fixed part + 2 x depth x seconds per re-ranked candidate) / the bare loop's seco
 measured on the run's own index as `real_models.py` answers queries (one thread): each query answered with 10 and with
 30 candidates per sign, all re-ranked; the slope is the candidate's cost, the rest (the query's gradient, its search)
 the fixed part. A perfect sketch would still re-rank the top 10 of each sign: that query's passes are the floor no
-sketch size can go below. Issue 13's goals ask for at most 20 passes at recall 0.95 and at most 8 KiB per document.
+sketch size can go below. The same depths for BM25 over the sequences' text (`--generator bm25`, the paper's TF-IDF
+baseline) show what a first stage that stores no gradient at all reaches. Issue 13's goals ask for at most 20 passes at recall 0.95 and at most 8 KiB per document.
 
     python benchmarks/real_models.py --models models --only smollm2-135m-instruct --docs 1000 --queries 3 \\
         --work-dir W ...                                                   # first: the run this reads
@@ -83,9 +84,10 @@ def _same_sketches_of(index: Path, run_index: Path, dim: int) -> bool:
     return built["sketch_dim"] == dim and all(built[key] == run_built[key] for key in ("factors_fingerprint", "corpus_fingerprint"))
 
 
-def queries_and_rerank_cost(run: Path, settings: dict, model_dir: Path, index: Path, max_dim: int, batch_tokens: int
-                            ) -> tuple[np.ndarray, dict]:
-    """The run's queries (the rows of its exact scan, in order) sketched by the large index's hash functions, and what
+def queries_and_rerank_cost(run: Path, settings: dict, model_dir: Path, index: Path, max_dim: int, batch_tokens: int,
+                            seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The run's queries (the rows of its exact scan, in order) sketched by the large index's hash functions; their BM25
+    scores over `seq_ids` (higher is better: the text retriever's ranking, as a first stage to compare with); and what
     a query's re-rank costs, on the run's own index (its default sketch, as `real_models.py` answers queries: one torch
     thread, per-token breakdowns, after a warm-up query): each query answered with each of `RERANK_PROBES` candidates
     per sign, all re-ranked; the slope between them is the seconds per re-ranked candidate, the rest (the query's
@@ -93,12 +95,18 @@ def queries_and_rerank_cost(run: Path, settings: dict, model_dir: Path, index: P
     queries = real_models.first_exchange_queries(real_models.load_documents_table(run / "documents.parquet"),
                                                  settings["queries"], load_tokenizer(model_dir),
                                                  describe_model(model_dir).context)
-    sketches, _ = QueryEngine(index).sketch_queries(queries)
-    assert sketches.shape[1] == max_dim
+    engine = QueryEngine(run / "index", QueryArgs(adaptive=False, batch_tokens=batch_tokens))
+    seeds = {read_json(path / "manifest.json")["args"]["seed"] for path in (index, run / "index")}
+    if len(seeds) != 1:
+        raise SystemExit(f"error: {index} and {run / 'index'} hash with different seeds ({sorted(seeds)}); rebuild without --reuse-index")
+    sketches, _ = engine.sketch_queries(queries, dim=max_dim)  # as the large index's hash functions place them
+    text_scores = np.zeros((len(queries), len(seq_ids)))
+    row_of = {int(seq_id): row for row, seq_id in enumerate(seq_ids)}
+    for qi, ranked in enumerate(engine.bm25_candidates(queries, len(seq_ids))):
+        text_scores[qi, [row_of[int(seq_id)] for seq_id in ranked]] = np.arange(len(ranked), 0, -1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        engine = QueryEngine(run / "index", QueryArgs(adaptive=False, batch_tokens=batch_tokens))
         engine.query(queries[:1])  # warm-up: caches, allocator
         probes = []
         for query in queries:
@@ -114,8 +122,8 @@ def queries_and_rerank_cost(run: Path, settings: dict, model_dir: Path, index: P
         slope = (high["seconds"] - low["seconds"]) / (high["candidates"] - low["candidates"])
         slopes.append(slope)
         fixed.append(low["seconds"] - slope * low["candidates"])
-    return sketches, {"probes": probes, "index": str(run / "index"), "seconds_per_candidate": float(np.median(slopes)),
-                      "fixed_seconds": float(np.median(fixed))}
+    return sketches, text_scores, {"probes": probes, "index": str(run / "index"), "seconds_per_candidate": float(np.median(slopes)),
+                                   "fixed_seconds": float(np.median(fixed))}
 
 
 def depth_figures(sketch_scores: np.ndarray, exact: np.ndarray, top_k: int) -> dict:
@@ -150,7 +158,8 @@ def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int,
         raise SystemExit(f"error: the index built here holds other sequences than {run}'s exact scan; was its corpus changed?")
     order = np.argsort(scan.seq_ids)
     exact = scan.scores[:, order[np.searchsorted(scan.seq_ids, seq_ids, sorter=order)]]
-    queries, rerank = queries_and_rerank_cost(run, identity["settings"], model_dir, Path(build["path"]), max_dim, batch_tokens)
+    queries, text_scores, rerank = queries_and_rerank_cost(run, identity["settings"], model_dir, Path(build["path"]), max_dim,
+                                                           batch_tokens, seq_ids)
     bare = stages["bare"]
     bare_per_sequence = bare["seconds"] / bare["sequences"] * (bare.get("workers_seen") or 1)  # one worker's time per sequence
 
@@ -173,13 +182,17 @@ def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int,
             break
         dim //= 2
         folded, query_folded = fold(folded, dim), fold(query_folded, dim)
+    text = depth_figures(text_scores, exact, real_models.Settings.top_k)
+    text["passes_at_target"] = passes(max(text["depth_for_target"].values()))
     return {"run": str(run), "model": identity["model"],
             "documents": stages["corpus"]["documents"], "sequences": len(seq_ids), "queries": int(scan.scores.shape[0]),
             "target_recall": TARGET_RECALL,
             "index": {**build, "ratio_to_run_index": build["seconds"] and build["seconds"] / stages["index"]["seconds"]},
             "rerank": rerank, "rerank_seconds_per_candidate": rerank["seconds_per_candidate"], "bare_seconds_per_sequence": bare_per_sequence,
             # what no sketch can beat: the top-k of each sign re-ranked and nothing else
-            "passes_with_a_perfect_sketch": passes(real_models.Settings.top_k), "dims": rows}
+            "passes_with_a_perfect_sketch": passes(real_models.Settings.top_k), "dims": rows,
+            # the text retriever as the first stage (`--generator bm25`): what a sketch of any size should beat
+            "bm25": text}
 
 
 def encoded(sketches: np.ndarray, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -206,6 +219,10 @@ def markdown(result: dict) -> str:
                      f"{row['depth_for_target']['+']} / {row['depth_for_target']['-']} | "
                      f"{row['depth_for_target_unrounded']['+']} / {row['depth_for_target_unrounded']['-']} | "
                      f"{row['passes_at_target']:.0f} |")
+    text = result["bm25"]
+    lines.append(f"| BM25 over the text | (the text) | {text['recall_at']['+']['10']:.2f} / {text['recall_at']['-']['10']:.2f} | "
+                 f"{text['recall_at']['+'].get('200', float('nan')):.2f} / {text['recall_at']['-'].get('200', float('nan')):.2f} | "
+                 f"{text['depth_for_target']['+']} / {text['depth_for_target']['-']} | | {text['passes_at_target']:.0f} |")
     rerank = result["rerank"]
     lines += ["", f"A re-ranked candidate: {rerank['seconds_per_candidate']:.3f} s; a query's fixed part (gradient, search) "
               f"{rerank['fixed_seconds']:.2f} s; a bare pass {result['bare_seconds_per_sequence']:.3f} s per sequence; "

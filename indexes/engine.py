@@ -111,13 +111,23 @@ class QueryEngine:
             scores, _, _ = self._score(prepared, np.asarray(seq_ids, dtype=np.int64), False, self.args.batch_tokens)
         return scores
 
-    def sketch_queries(self, queries: Sequence[Query]) -> tuple[np.ndarray, np.ndarray]:
+    def sketch_queries(self, queries: Sequence[Query], dim: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
         """What the index compares documents with: the queries' sketches (queries, dim) float32, in the index's hash
-        functions, and their exact whitened norms ||W(q)|| (queries,) float64 (the sketch noise scales with them)."""
+        functions, and their exact whitened norms ||W(q)|| (queries,) float64 (the sketch noise scales with them).
+        With `dim`, sketches of that many numbers instead, as an index of the same factors, modules and seed built with
+        that `--sketch-dim` holds them (e.g. to compare sketch sizes without loading the model again)."""
+        sketcher = self.sketcher if dim is None or dim == self.sketcher.dim else \
+            Sketcher(self.factors, self.module_names, dim, self.manifest["args"]["seed"])
         with self._lock:
-            sketches, norms, _ = self.sketcher.sketch_rotated(rotated_query_gradients(self.loaded, self._tokenize(list(queries)),
-                                                                                      self.factors))
+            sketches, norms, _ = sketcher.sketch_rotated(rotated_query_gradients(self.loaded, self._tokenize(list(queries)),
+                                                                                 self.factors))
         return sketches.numpy(), norms
+
+    def bm25_candidates(self, queries: Sequence[Query], depth: int) -> list[np.ndarray]:
+        """Per query, the seq ids of the `depth` sequences whose text best matches the query's prompt and completion
+        (BM25, the paper's TF-IDF baseline; the `bm25` generator's candidates), best first."""
+        with self._lock:
+            return self._bm25_candidates(list(queries), min(int(depth), len(self.seq_ids)))
 
     def _tokenize(self, queries: list[Query]):
         if len({q.query_id for q in queries}) != len(queries):

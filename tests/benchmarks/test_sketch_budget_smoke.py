@@ -31,6 +31,15 @@ def test_sketch_budget_quick(run_quick):
     assert result["passes_with_a_perfect_sketch"] == pytest.approx(
         (result["rerank"]["fixed_seconds"] + 20 * result["rerank_seconds_per_candidate"]) / result["bare_seconds_per_sequence"])
     assert "| 4096 |" in stdout and "with a perfect sketch" in stdout
+    # BM25 over the text ranks every sequence: the same depth figures, as a first stage that stores no gradient
+    text = result["bm25"]
+    for sign in "+-":
+        recall = [text["recall_at"][sign][d] for d in sorted(text["recall_at"][sign], key=int)]
+        assert recall == sorted(recall) and 10 <= text["depth_for_target"][sign] <= result["sequences"]
+    assert text["passes_at_target"] == pytest.approx(
+        (result["rerank"]["fixed_seconds"] + 2 * max(text["depth_for_target"].values()) * result["rerank_seconds_per_candidate"])
+        / result["bare_seconds_per_sequence"])
+    assert "| BM25 over the text |" in stdout
 
     # the large index read again, not rebuilt, when it holds the same factors' sketches of the same corpus
     again, _ = run_quick("sketch_budget.py", "--reuse-index")

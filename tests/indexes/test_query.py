@@ -209,6 +209,28 @@ def test_sketch_queries_are_the_sketches_of_their_gradients_in_the_original_basi
         engine.sketch_queries([QUERIES[0], QUERIES[0]])
 
 
+def test_sketch_queries_at_another_dim_fold_to_the_index_sketches(engine):
+    # an index at 1024 numbers folded to 256 holds exactly the numbers of one at 256 (tests/indexes/test_tiers.py): so
+    # must the queries' sketches, for benchmarks comparing sketch sizes with one engine
+    from indexes.search import fold
+
+    sketches, norms = engine.sketch_queries(QUERIES)
+    larger, larger_norms = engine.sketch_queries(QUERIES, dim=1024)
+    assert larger.shape == (len(QUERIES), 1024)
+    np.testing.assert_allclose(fold(larger, 256), sketches, rtol=1e-4, atol=1e-6 * np.abs(sketches).max())
+    np.testing.assert_allclose(larger_norms, norms, rtol=1e-6)
+
+
+def test_bm25_candidates_rank_a_sequence_first_for_its_own_text(engine):
+    seq_id = int(engine.seq_ids[len(engine.seq_ids) // 2])
+    text = engine.sequences["text"][seq_id].as_py()
+    words = text.split()
+    query = Query("own-text", " ".join(words[: len(words) // 2]) or text, " ".join(words[len(words) // 2 :]) or text)
+    [ranked] = engine.bm25_candidates([query], 10**6)
+    assert engine.sequences["text"][int(ranked[0])].as_py() == text  # itself, or a sequence of the same text
+    assert sorted(ranked.tolist()) == sorted(engine.seq_ids.tolist())  # a depth beyond the corpus: every sequence once
+
+
 @pytest.mark.parametrize("mode", [[], ["--no-rerank"], ["--no-adaptive", "--candidates", "8"]])
 def test_query_command(index_dir, tmp_path, capsys, mode):
     from jobs.cli import main
