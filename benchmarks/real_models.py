@@ -221,12 +221,13 @@ def load_documents_table(path: Path) -> pa.Table:
     return pq.read_table(path)
 
 
-def query_figures(index: Path, queries: list[Query], exact, settings: Settings, bare: dict) -> dict:
-    """Latency and recall of the default query, one torch thread (as a served query runs on a busy machine)."""
+def query_figures(index: Path, queries: list[Query], exact, settings: Settings, bare: dict, generator: str = "index") -> dict:
+    """Latency and recall of the default query (or the default with another candidate generator), one torch thread (as
+    a served query runs on a busy machine)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        engine = QueryEngine(index, QueryArgs(top_k=settings.top_k, batch_tokens=settings.batch_tokens))
+        engine = QueryEngine(index, QueryArgs(top_k=settings.top_k, batch_tokens=settings.batch_tokens, generator=generator))
         engine.query(queries[:1])  # warm-up: caches, allocator
         seconds, candidates, recall, flagged = [], [], {"+": [], "-": []}, {"+": 0, "-": 0}
         separation: dict[str, list] = {"+": [], "-": []}

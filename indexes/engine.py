@@ -15,6 +15,7 @@ backward pass over the returned documents); a full scan's answers are scored aga
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -232,6 +233,11 @@ class QueryEngine:
             return [(CandidatePool(self.seq_ids),) * 2 for _ in queries]
         if args.generator == "bm25":
             return [(CandidatePool(ids),) * 2 for ids in self._bm25_candidates(queries, depth)]
+        if args.generator == "hybrid":
+            texts = self._bm25_candidates(queries, min(args.text_candidates, n))
+            pools = self._candidates(queries, sketches, query_norms, dataclasses.replace(args, generator="index"))
+            return [(pair[0].with_text_candidates(found, self._sketch_scores(sketches[qi], found)), pair[1])
+                    for qi, (pair, found) in enumerate(zip(pools, texts))]
         if self.first_tier is None:
             (top_scores, top_ids), (low_scores, low_ids) = search_both_signs(self.store, sketches, depth)
         else:
@@ -401,6 +407,20 @@ class CandidatePool:
     # a sketch pool shorter than the corpus: how high (in its sign's direction) the exact score of a document the sketch
     # ranked beyond the pool plausibly reaches: the last candidate's sketch score + stop_margin x the median noise
     beyond: Optional[float] = None
+
+    def with_text_candidates(self, seq_ids: np.ndarray, sketch_scores: np.ndarray) -> "CandidatePool":
+        """This pool and text retrieval's candidates (best first, with their sketch scores), alternating from the best
+        of each; the text's are re-ranked whatever their sketch scores, also those this pool holds already (infinite
+        slack: the text gives no bound). The exact scores of all re-ranked sequences are ranked for both signs, so the
+        positive pool can carry them."""
+        rest = ~np.isin(self.seq_ids, seq_ids)
+        ids = np.concatenate([self.seq_ids[rest], seq_ids])
+        scores = np.concatenate([self.scores[rest], sketch_scores])
+        slack = None if self.slack is None else np.concatenate([self.slack[rest], np.full(len(seq_ids), np.inf)])
+        # position i of each list goes to 2i (index) and 2i + 1 (text), the longer list's tail after
+        rank = np.concatenate([2 * np.arange(rest.sum()), 2 * np.arange(len(seq_ids)) + 1])
+        order = np.argsort(rank, kind="stable")
+        return CandidatePool(ids[order], scores[order], None if slack is None else slack[order], self.bounded, self.beyond)
 
     def first_round(self, direction: float, top_k: int, most: int) -> np.ndarray:
         """The candidates worth an exact score before any is known: all without slack; else, best first, those whose

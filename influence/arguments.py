@@ -19,6 +19,7 @@ SKETCHES = ("hashed",)
 # them; there reads stop once no candidate left can enter the top k, so deeper pools cost little (measured recall@10 of
 # the exact top-10 on benchmarks/query_latency.py: 0.97 -> 0.99 on the negative side from 400 to 1000)
 DEFAULT_CANDIDATES = 200
+GENERATORS = ("index", "bm25", "hybrid", "exact")
 REFINE_CANDIDATES = 1000
 
 
@@ -242,7 +243,10 @@ class QueryArgs(StageArgs):
     candidates: Optional[int] = _help(f"candidates per sign taken from the index, re-ranked exactly at most (default: "
                                       f"{DEFAULT_CANDIDATES}; {REFINE_CANDIDATES} on an index with a refine tier, whose reads "
                                       "stop early, so a deeper pool costs little)", None)
-    generator: str = _help("candidate generator: 'index' (search over sketches), 'bm25' (text), 'exact' (full scan)", "index")
+    generator: str = _help("candidate generator: 'index' (search over sketches), 'bm25' (text), 'hybrid' (the index's "
+                           "candidates and BM25's top text_candidates together), 'exact' (full scan)", "index")
+    text_candidates: int = _help("BM25 candidates the hybrid generator adds to the index's, all re-ranked (text retrieval has "
+                                 "no noise bound to stop on)", 50)
     rerank: bool = _help("score the candidates exactly (EK-FAC) with per-layer and per-token breakdowns; off: return the top "
                          "sketch scores (index generator only), an estimate without breakdowns, in the time of a search", True)
     adaptive: bool = _help("re-rank index candidates best-first and stop a sign once none left can plausibly enter its top k "
@@ -259,9 +263,9 @@ class QueryArgs(StageArgs):
     progress: bool = _help("show progress bars", False)
 
     def __post_init__(self) -> None:
-        if self.generator not in ("index", "bm25", "exact"):
-            raise InfluenceError(f"unknown candidate generator {self.generator!r}; choose index, bm25 or exact")
-        for name in ("top_k", "first_tier_depth"):
+        if self.generator not in GENERATORS:
+            raise InfluenceError(f"unknown candidate generator {self.generator!r}; choose {', '.join(GENERATORS[:-1])} or {GENERATORS[-1]}")
+        for name in ("top_k", "first_tier_depth", "text_candidates"):
             check_positive_int(name, getattr(self, name))
         for name in ("candidates", "nprobe"):
             if getattr(self, name) is not None:

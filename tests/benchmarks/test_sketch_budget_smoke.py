@@ -40,6 +40,12 @@ def test_sketch_budget_quick(run_quick):
         (result["rerank"]["fixed_seconds"] + 2 * max(text["depth_for_target"].values()) * result["rerank_seconds_per_candidate"])
         / result["bare_seconds_per_sequence"])
     assert "| BM25 over the text |" in stdout
+    # the default query answered end to end with each generator; the hybrid re-ranks BM25's top 50 whatever the sketch says
+    answered = result["default_query"]
+    assert set(answered) == {"index", "hybrid"} and "| hybrid |" in stdout
+    for figures in answered.values():
+        assert all(0 <= figures["recall_at_10"][sign] <= 1 for sign in "+-") and figures["seconds"]["p50"] > 0
+    assert answered["hybrid"]["candidates_reranked"]["min"] >= 50
 
     # the large index read again, not rebuilt, when it holds the same factors' sketches of the same corpus
     again, _ = run_quick("sketch_budget.py", "--reuse-index")

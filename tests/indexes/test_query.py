@@ -58,6 +58,42 @@ def test_other_candidate_generators(engine, generator):
         assert r.positive[0].score >= r.positive[1].score
 
 
+def test_hybrid_generator_reranks_the_union_of_index_and_text_candidates(engine):
+    # without the adaptive stop every candidate is re-ranked, so the hybrid's top k is the top k of a superset of both
+    # generators' candidates: never below either's, sign by sign
+    fixed = dict(top_k=3, candidates=4, adaptive=False)
+    hybrid = engine.query(QUERIES, QueryArgs(generator="hybrid", text_candidates=5, **fixed))
+    index = engine.query(QUERIES, QueryArgs(generator="index", **fixed))
+    text = engine.query(QUERIES, QueryArgs(generator="bm25", **{**fixed, "candidates": 5}))
+    for qi, query in enumerate(QUERIES):
+        assert hybrid[qi].generator == "hybrid"
+        # here the text adds sequences the index did not propose (8 + 5 -> 11 in this corpus)
+        assert max(index[qi].num_candidates, text[qi].num_candidates) < hybrid[qi].num_candidates \
+            <= index[qi].num_candidates + text[qi].num_candidates
+        for sign in ("positive", "negative"):
+            direction = 1.0 if sign == "positive" else -1.0
+            best = [direction * d.score for d in getattr(hybrid[qi], sign)]
+            for other in (index[qi], text[qi]):
+                theirs = [direction * d.score for d in getattr(other, sign)]
+                assert all(b >= t - 1e-4 * abs(t) for b, t in zip(best, theirs)), (query.query_id, sign, best, theirs)
+    # with the adaptive stop, the text's candidates are re-ranked whatever their sketch scores (the text gives no bound),
+    # also when the index's pool holds them already (here it holds the whole corpus)
+    [texts] = engine.bm25_candidates(QUERIES[:1], 6)
+    for candidates in (4, len(engine.seq_ids)):
+        [adaptive] = engine.query(QUERIES[:1], QueryArgs(generator="hybrid", top_k=3, candidates=candidates, text_candidates=6))
+        assert adaptive.num_candidates >= len(set(texts.tolist()))
+
+
+def test_text_candidates_join_a_pool_alternately_with_infinite_slack():
+    from indexes.engine import CandidatePool
+
+    pool = CandidatePool(np.array([1, 2, 3]), np.array([0.9, 0.5, 0.1]), np.array([0.2, 0.2, 0.2]), beyond=0.3)
+    joined = pool.with_text_candidates(np.array([3, 9]), np.array([0.1, -0.4]))
+    assert joined.seq_ids.tolist() == [1, 3, 2, 9]  # the index's best, the text's best, ...; 3 once, as the text's
+    assert joined.scores.tolist() == [0.9, 0.1, 0.5, -0.4] and joined.slack.tolist() == [0.2, np.inf, 0.2, np.inf]
+    assert joined.beyond == 0.3
+
+
 def test_concurrent_queries_equal_sequential(engine):
     expected = [[d.seq_id for d in r.documents] for r in engine.query(QUERIES)]
     outputs = [None] * 4
