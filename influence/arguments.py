@@ -243,8 +243,9 @@ class QueryArgs(StageArgs):
     candidates: Optional[int] = _help(f"candidates per sign taken from the index, re-ranked exactly at most (default: "
                                       f"{DEFAULT_CANDIDATES}; {REFINE_CANDIDATES} on an index with a refine tier, whose reads "
                                       "stop early, so a deeper pool costs little)", None)
-    generator: str = _help("candidate generator: 'index' (search over sketches), 'bm25' (text), 'hybrid' (the index's "
-                           "candidates and BM25's top text_candidates together), 'exact' (full scan)", "index")
+    generator: str = _help("candidate generator: 'index' (search over sketches), 'bm25' (text), 'hybrid' (the sketches' "
+                           "candidates and BM25's top text_candidates together; a refine tier is not read), 'exact' (full scan)",
+                           "index")
     text_candidates: int = _help("BM25 candidates the hybrid generator adds to the index's, all re-ranked (text retrieval has "
                                  "no noise bound to stop on)", 50)
     rerank: bool = _help("score the candidates exactly (EK-FAC) with per-layer and per-token breakdowns; off: return the top "
