@@ -2,7 +2,9 @@
 
 `QueryEngine` loads the model, factors, sketch store (or FAISS index), doc table and sequences once; every call to
 `query` shares them. Candidates come from the sketches (default: the highest and the lowest inner products with q,
-so both signs are found), from BM25 over the sequences' text (the paper's TF-IDF baseline), or from a full scan.
+so both signs are found), from BM25 over the sequences' text (the paper's TF-IDF baseline), from both (`hybrid`: on
+real models the text finds positive top documents a small sketch misses, `benchmarks/sketch_budget.py`), or from a
+full scan.
 Candidates are then scored exactly, index candidates best-first, stopping a sign once the sketch noise rules out
 the rest (`QueryArgs.adaptive`), since the forward and backward pass of each candidate is most of a query's time.
 An index built with a refine tier (`IndexArgs.refine`) orders the candidates by their float16 whitened gradients first
