@@ -267,7 +267,8 @@ def test_bm25_candidates_rank_a_sequence_first_for_its_own_text(engine):
     assert sorted(ranked.tolist()) == sorted(engine.seq_ids.tolist())  # a depth beyond the corpus: every sequence once
 
 
-@pytest.mark.parametrize("mode", [[], ["--no-rerank"], ["--no-adaptive", "--candidates", "8"]])
+@pytest.mark.parametrize("mode", [[], ["--no-rerank"], ["--no-adaptive", "--candidates", "8"],
+                                  ["--generator", "hybrid", "--text-candidates", "4"]])
 def test_query_command(index_dir, tmp_path, capsys, mode):
     from jobs.cli import main
 
@@ -277,6 +278,7 @@ def test_query_command(index_dir, tmp_path, capsys, mode):
     results = json.loads((out / "results.json").read_text())
     assert len(results[0]["documents"]) == 6 and results[0]["exact"] == ("--no-rerank" not in mode)
     assert "most positive" in capsys.readouterr().out and (out / "report.html").exists()
+    assert results[0]["generator"] == (mode[1] if mode[:1] == ["--generator"] else "index")
 
 
 @pytest.mark.parametrize("together", [1, 2])
