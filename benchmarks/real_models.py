@@ -206,7 +206,8 @@ def run_model(name: str, model_dir: Path, settings: Settings, work: Path, execut
 
     result["exact"] = log.run("exact", [exact_path], exact_stage)
     executor.release()  # the queries run in this process: the workers' model and factors would sit beside its own
-    result["query"] = log.run("query", [], lambda: query_figures(index, queries, ExactScan.load(exact_path), settings, result["bare"]))
+    result["query"] = log.run("query", [], lambda: query_figures(QueryEngine(index), queries, ExactScan.load(exact_path), settings,
+                                                                 result["bare"]))
     if settings.kronfluence_docs:
         result["kronfluence"] = log.run("kronfluence", [work / "kronfluence", work / "kronfluence_corpus", work / "engine_subset_factors"],
                                         lambda: kronfluence_ratio(model_dir, corpus, work, settings))
@@ -221,14 +222,15 @@ def load_documents_table(path: Path) -> pa.Table:
     return pq.read_table(path)
 
 
-def query_figures(index: Path, queries: list[Query], exact, settings: Settings, bare: dict, generator: str = "index") -> dict:
-    """Latency and recall of the default query (or the default with another candidate generator), one torch thread (as
-    a served query runs on a busy machine)."""
+def query_figures(engine: QueryEngine, queries: list[Query], exact, settings: Settings, bare: dict, generator: str = "index") -> dict:
+    """Latency and recall of the default query (or the default with another candidate generator) on an engine's index,
+    one torch thread (as a served query runs on a busy machine)."""
+    args = QueryArgs(top_k=settings.top_k, batch_tokens=settings.batch_tokens, generator=generator)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        engine = QueryEngine(index, QueryArgs(top_k=settings.top_k, batch_tokens=settings.batch_tokens, generator=generator))
-        engine.query(queries[:1])  # warm-up: caches, allocator
+        # warm-up (caches, allocator): every step of a query, on its top k alone
+        engine.query(queries[:1], dataclasses.replace(args, candidates=settings.top_k, adaptive=False))
         seconds, candidates, recall, flagged = [], [], {"+": [], "-": []}, {"+": 0, "-": 0}
         separation: dict[str, list] = {"+": [], "-": []}
         column = {int(s): i for i, s in enumerate(exact.seq_ids)}
@@ -242,7 +244,7 @@ def query_figures(index: Path, queries: list[Query], exact, settings: Settings, 
                 separation["+"].append(float(ordered[-settings.top_k]) / noise)
                 separation["-"].append(float(-ordered[settings.top_k - 1]) / noise)
             with common.Timer() as timer:
-                [answer] = engine.query([query])
+                [answer] = engine.query([query], args)
             seconds.append(timer.seconds)
             candidates.append(answer.num_candidates)
             for sign in answer.incomplete:

@@ -50,7 +50,6 @@ from indexes.search import SketchStore, encode_sketches, fold  # noqa: E402
 from indexes.shards import load_shard_rows, load_shard_sketches  # noqa: E402
 from influence import IndexArgs, QueryArgs  # noqa: E402
 from influence.artifacts import read_json  # noqa: E402
-from influence.models import describe_model, load_tokenizer  # noqa: E402
 from influence.stage import LocalExecutor  # noqa: E402
 from jobs.runner import RayExecutor  # noqa: E402
 
@@ -88,7 +87,7 @@ def _same_sketches_of(index: Path, run_index: Path, dim: int) -> bool:
     return built["sketch_dim"] == dim and all(built[key] == run_built[key] for key in ("factors_fingerprint", "corpus_fingerprint"))
 
 
-def queries_and_rerank_cost(run: Path, queries: list, index: Path, max_dim: int, batch_tokens: int, seq_ids: np.ndarray
+def queries_and_rerank_cost(engine: QueryEngine, queries: list, index: Path, max_dim: int, seq_ids: np.ndarray
                             ) -> tuple[np.ndarray, np.ndarray, dict]:
     """The run's queries (the rows of its exact scan, in order) sketched by the large index's hash functions; their BM25
     scores over `seq_ids` (higher is better: the text retriever's ranking, as a first stage to compare with); and what
@@ -96,10 +95,9 @@ def queries_and_rerank_cost(run: Path, queries: list, index: Path, max_dim: int,
     thread, per-token breakdowns, after a warm-up query): each query answered with each of `RERANK_PROBES` candidates
     per sign, all re-ranked; the slope between them is the seconds per re-ranked candidate, the rest (the query's
     gradient, the search) the fixed part."""
-    engine = QueryEngine(run / "index", QueryArgs(adaptive=False, batch_tokens=batch_tokens))
-    seeds = {read_json(path / "manifest.json")["args"]["seed"] for path in (index, run / "index")}
+    seeds = {read_json(path / "manifest.json")["args"]["seed"] for path in (index, engine.index_dir)}
     if len(seeds) != 1:
-        raise SystemExit(f"error: {index} and {run / 'index'} hash with different seeds ({sorted(seeds)}); rebuild without --reuse-index")
+        raise SystemExit(f"error: {index} and {engine.index_dir} hash with different seeds ({sorted(seeds)}); rebuild without --reuse-index")
     sketches, _ = engine.sketch_queries(queries, dim=max_dim)  # as the large index's hash functions place them
     text_scores = np.zeros((len(queries), len(seq_ids)))
     row_of = {int(seq_id): row for row, seq_id in enumerate(seq_ids)}
@@ -108,7 +106,7 @@ def queries_and_rerank_cost(run: Path, queries: list, index: Path, max_dim: int,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        engine.query(queries[:1])  # warm-up: caches, allocator
+        engine.query(queries[:1], dataclasses.replace(engine.args, candidates=RERANK_PROBES[0]))  # warm-up: caches, allocator
         probes = []
         for query in queries:
             for per_sign in RERANK_PROBES:
@@ -123,7 +121,7 @@ def queries_and_rerank_cost(run: Path, queries: list, index: Path, max_dim: int,
         slope = (high["seconds"] - low["seconds"]) / (high["candidates"] - low["candidates"])
         slopes.append(slope)
         fixed.append(low["seconds"] - slope * low["candidates"])
-    return sketches, text_scores, {"probes": probes, "index": str(run / "index"), "seconds_per_candidate": float(np.median(slopes)),
+    return sketches, text_scores, {"probes": probes, "index": str(engine.index_dir), "seconds_per_candidate": float(np.median(slopes)),
                                    "fixed_seconds": float(np.median(fixed))}
 
 
@@ -159,10 +157,11 @@ def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int,
         raise SystemExit(f"error: the index built here holds other sequences than {run}'s exact scan; was its corpus changed?")
     order = np.argsort(scan.seq_ids)
     exact = scan.scores[:, order[np.searchsorted(scan.seq_ids, seq_ids, sorter=order)]]
+    # one engine on the run's own index for every query of this script: one model load; each call passes its own args
+    engine = QueryEngine(run / "index", QueryArgs(adaptive=False, batch_tokens=batch_tokens))
     queries = real_models.first_exchange_queries(real_models.load_documents_table(run / "documents.parquet"),
-                                                 identity["settings"]["queries"], load_tokenizer(model_dir),
-                                                 describe_model(model_dir).context)
-    query_sketches, text_scores, rerank = queries_and_rerank_cost(run, queries, Path(build["path"]), max_dim, batch_tokens, seq_ids)
+                                                 identity["settings"]["queries"], engine.tokenizer, engine.context)
+    query_sketches, text_scores, rerank = queries_and_rerank_cost(engine, queries, Path(build["path"]), max_dim, seq_ids)
     bare = stages["bare"]
     bare_per_sequence = bare["seconds"] / bare["sequences"] * (bare.get("workers_seen") or 1)  # one worker's time per sequence
 
@@ -189,7 +188,7 @@ def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int,
     text["passes_at_target"] = passes(max(text["depth_for_target"].values()))
     # the default query as real_models.py measures it, with the index's candidates and with the hybrid generator's
     settings = real_models.Settings(**identity["settings"])
-    answered = {generator: real_models.query_figures(run / "index", queries, scan, settings, bare, generator)
+    answered = {generator: real_models.query_figures(engine, queries, scan, settings, bare, generator)
                 for generator in GENERATORS}
     return {"run": str(run), "model": identity["model"],
             "documents": stages["corpus"]["documents"], "sequences": len(seq_ids), "queries": int(scan.scores.shape[0]),
