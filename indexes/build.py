@@ -189,7 +189,7 @@ def sketch_work(workspace: Workspace, work: IndexWork, rows: TokenRows) -> dict:
     self_influence, grad_norm = np.zeros(n), np.zeros(n)
     refine = np.zeros((n, sketcher.whitened_dim), np.float16) if work.refine else None
     refine_scale = np.zeros(n, np.float32)
-    for positions in plan_batches(rows.lengths, work.batch_tokens):
+    for positions in plan_batches(rows.lengths, work.batch_tokens, work.spec.device):
         batch = make_token_batch([rows.sequence(i) for i in positions], device=work.spec.device)
         io, _ = capture_module_io(loaded.model, loaded.modules, batch)
         result = sketcher.sketch_io(io, whitened=work.refine)

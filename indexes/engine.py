@@ -358,7 +358,7 @@ class QueryEngine:
         num_queries = (num_queries[0] if isinstance(num_queries, tuple) else num_queries).shape[0]
         scores, per_module = np.zeros((num_queries, len(seq_ids))), np.zeros((len(self.module_names), num_queries, len(seq_ids)))
         tokens: list = [None] * len(seq_ids)
-        for positions in plan_batches([len(ids) for ids in sequences], batch_tokens):
+        for positions in plan_batches([len(ids) for ids in sequences], batch_tokens, self.args.device):
             batch = make_token_batch([sequences[i] for i in positions], device=self.args.device)
             result = score_batch(self.loaded, prepared, batch, per_token, pairs=None if pairs is None else [pairs[i] for i in positions])
             scores[:, positions] = result.total.double().cpu().numpy()

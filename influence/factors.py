@@ -228,7 +228,7 @@ def _save_shard(plan: FitPlan, pattern: str, shard: int, sums: dict[str, np.ndar
 
 
 def _token_batches(work: FitWork, rows: TokenRows):
-    for positions in plan_batches(rows.lengths, work.batch_tokens):
+    for positions in plan_batches(rows.lengths, work.batch_tokens, work.spec.device):
         yield make_token_batch([rows.sequence(i) for i in positions], seq_ids=[int(rows.seq_ids[i]) for i in positions],
                                device=work.spec.device)
 

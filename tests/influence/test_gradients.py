@@ -1,9 +1,12 @@
 """Per-sequence gradients from hooks against a loop of autograd calls, for every architecture."""
 
+import random
+
 import torch
 
 from influence.corpus import chunk_token_ids
-from influence.gradients import capture_module_io, make_token_batch, rotated_gradient_blocks, rotated_gradients, sequence_gradients
+from influence.gradients import (CPU_BATCH_OVERHEAD_TOKENS, capture_module_io, make_token_batch, plan_batches, rotated_gradient_blocks,
+                                 rotated_gradients, sequence_gradients)
 from influence.models import find_tracked_modules, load_model
 from tests.conftest import TEXTS
 from tests.oracles import autograd_gradient
@@ -72,3 +75,45 @@ def test_chunking_policy(tokenizer):
     assert chunk_token_ids(ids, CorpusArgs(max_length=4)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
     assert chunk_token_ids(ids, CorpusArgs(max_length=4, policy="truncate")) == [[0, 1, 2, 3]]
     assert chunk_token_ids(ids, CorpusArgs(max_length=5, min_tokens=2)) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+
+
+def _plan_cost(lengths, batches, overhead):
+    return sum(len(b) * max(lengths[i] for i in b) + overhead for b in batches)
+
+
+def _partitions(items):
+    """Every way to split `items` into non-empty groups."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in _partitions(rest):
+        yield [[first]] + partition
+        for k in range(len(partition)):
+            yield partition[:k] + [[first] + partition[k]] + partition[k + 1 :]
+
+
+def test_plan_batches_is_the_cheapest_split_within_the_budget():
+    rng = random.Random(0)
+    for trial in range(60):
+        lengths = [rng.randint(2, 70) for _ in range(rng.randint(1, 7))]
+        budget = rng.choice([64, 100, 160, 2048])
+        batches = plan_batches(lengths, budget)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        for b in batches:
+            assert lengths[b[0]] == max(lengths[i] for i in b)  # a batch's first is its longest
+            assert len(b) == 1 or len(b) * lengths[b[0]] <= budget
+        allowed = [p for p in _partitions(list(range(len(lengths))))
+                   if all(len(g) == 1 or len(g) * max(lengths[i] for i in g) <= budget for g in p)]
+        best = min(_plan_cost(lengths, p, CPU_BATCH_OVERHEAD_TOKENS) for p in allowed)
+        assert _plan_cost(lengths, batches, CPU_BATCH_OVERHEAD_TOKENS) == best, (trial, lengths, budget, batches)
+
+
+def test_plan_batches_splits_a_mixed_rerank_and_keeps_gpu_batches_full():
+    # a re-rank's candidates: one padded batch would be 20 x 64 tokens for 617 real ones
+    lengths = [23, 64, 42, 16, 41, 40, 29, 12, 35, 33, 64, 29, 27, 26, 26, 40, 21, 18, 16, 15]
+    batches = plan_batches(lengths, 2048)
+    padded = sum(len(b) * lengths[b[0]] for b in batches)
+    assert len(batches) > 1 and padded < 0.6 * 20 * 64
+    assert [len(b) for b in plan_batches(lengths, 2048, "cuda")] == [20]
+    assert plan_batches([], 2048) == [] and plan_batches([5000, 3], 2048) == [[0], [1]]

@@ -131,3 +131,23 @@ def test_scores_of_chosen_pairs_equal_those_of_every_pair(factor_dirs, llama_dir
                 torch.testing.assert_close(chosen.per_module[:, qi, j], every.per_module[:, qi, j], rtol=1e-10, atol=1e-12)
                 if per_token:
                     torch.testing.assert_close(chosen.per_token[qi, j], every.per_token[qi, j], rtol=1e-10, atol=1e-12)
+
+
+def test_one_query_scores_equal_its_row_of_a_batch_of_queries(factor_dirs, llama_dir, corpus_dir):
+    # one query goes through its per-token scores, several through the formed per-sequence gradients: the same numbers
+    from influence.gradients import make_token_batch
+    from influence.models import ModelSpec, load_model_context, load_tokenizer
+    from influence.queries import tokenize_query
+    from influence.scores import prepare_queries, query_gradients, score_batch
+
+    loaded = load_model_context(ModelSpec(str(llama_dir), dtype="float64"))
+    tokenizer = load_tokenizer(llama_dir)
+    factors = load_factors(factor_dirs["ekfac"])
+    prepared = prepare_queries(query_gradients(loaded, [tokenize_query(q, tokenizer) for q in QUERIES]), factors)
+    batch = make_token_batch(load_sequences(corpus_dir)[0]["input_ids"].to_pylist()[:5])
+    both = score_batch(loaded, prepared, batch)
+    for qi in range(len(QUERIES)):
+        alone = score_batch(loaded, {name: p[qi : qi + 1] for name, p in prepared.items()}, batch)
+        assert alone.total.shape == (1, 5) and alone.per_module.shape == (len(prepared), 1, 5)
+        torch.testing.assert_close(alone.per_module[:, 0], both.per_module[:, qi], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(alone.total[0], both.total[qi], rtol=1e-10, atol=1e-12)
