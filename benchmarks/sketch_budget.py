@@ -2,8 +2,9 @@
 sketches of 2^10 numbers per document up to `--max-dim`, and what a query re-ranking that deep would cost.
 
 It reads a `real_models.py` run's directory (`<work-dir>/runs/<model>`): its corpus, factors, queries, the exact scan
-of those queries (`exact.npz`) and its bare loop's seconds per sequence (`stages.json`); the run needs to have
-finished its exact scan, not its query stage. It builds one more index, at `--max-dim` with its float32 shards
+of those queries (`exact.npz`); the run needs to have finished its exact scan, not its query stage. Its passes are
+those of a bare loop timed in the same call (`BARE_SAMPLE` of the run's sequences, one thread, like the queries):
+this machine's speed drifts by tens of percent between hours, so a run's own bare loop, hours earlier, is no yardstick. It builds one more index, at `--max-dim` with its float32 shards
 kept (`IndexArgs(keep_shards=True)`); a smaller sketch is that one folded (`indexes.search.fold`: for power-of-two
 dimensions, exactly the numbers an index of that dimension holds, tests/indexes/test_tiers.py), then rounded to 4 bits
 as the store keeps it (`encode_sketches`; the JSON also has the unrounded depths).
@@ -58,6 +59,7 @@ TARGET_RECALL = 0.95
 MIN_DIM = 1024
 GENERATORS = ("index", "hybrid")  # the default query answered with each, on the run's own index
 RERANK_PROBES = (10, 30)  # candidates per sign each query re-ranks when the cost of a re-rank is measured
+BARE_SAMPLE = 128  # sequences of the run's corpus in the same-call bare loop: a minute or two at one thread
 
 
 def full_sketches(run: Path, model_dir: Path, work: Path, max_dim: int, workers: int, batch_tokens: int, reuse: bool = False
@@ -125,6 +127,18 @@ def queries_and_rerank_cost(engine: QueryEngine, queries: list, index: Path, max
                                    "fixed_seconds": float(np.median(fixed))}
 
 
+def bare_loop(model_dir: Path, sequences, batch_tokens: int) -> dict:
+    """`common.bare_forward_backward` over a fixed random sample of the run's sequences, in this process at one thread
+    (as the queries are timed), warm: the yardstick of this call's passes."""
+    rows = np.sort(np.random.default_rng(0).choice(sequences.num_rows, min(BARE_SAMPLE, sequences.num_rows), replace=False))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return common.bare_forward_backward(model_dir, sequences.take(rows), batch_tokens, repeats=2)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def depth_figures(sketch_scores: np.ndarray, exact: np.ndarray, top_k: int) -> dict:
     """Recall of each sign's exact top k among the top sketch scores, by depth; the depth at which the mean recall over
     queries first reaches TARGET_RECALL."""
@@ -162,8 +176,10 @@ def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int,
     queries = real_models.first_exchange_queries(real_models.load_documents_table(run / "documents.parquet"),
                                                  identity["settings"]["queries"], engine.tokenizer, engine.context)
     query_sketches, text_scores, rerank = queries_and_rerank_cost(engine, queries, Path(build["path"]), max_dim, seq_ids)
-    bare = stages["bare"]
-    bare_per_sequence = bare["seconds"] / bare["sequences"] * (bare.get("workers_seen") or 1)  # one worker's time per sequence
+    settings = real_models.Settings(**identity["settings"])
+    bare = bare_loop(model_dir, engine.sequences, settings.batch_tokens)
+    bare_per_sequence = bare["seconds"] / bare["sequences"]  # one process, one thread
+    run_bare = stages["bare"]
 
     def passes(depth: int) -> float:  # a query re-ranking `depth` candidates per sign, in bare passes
         return (rerank["fixed_seconds"] + 2 * depth * rerank["seconds_per_candidate"]) / bare_per_sequence
@@ -187,7 +203,6 @@ def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int,
     text = depth_figures(text_scores, exact, real_models.Settings.top_k)
     text["passes_at_target"] = passes(max(text["depth_for_target"].values()))
     # the default query as real_models.py measures it, with the index's candidates and with the hybrid generator's
-    settings = real_models.Settings(**identity["settings"])
     answered = {generator: real_models.query_figures(engine, queries, scan, settings, bare, generator)
                 for generator in GENERATORS}
     return {"run": str(run), "model": identity["model"],
@@ -195,6 +210,7 @@ def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int,
             "target_recall": TARGET_RECALL,
             "index": {**build, "ratio_to_run_index": build["seconds"] and build["seconds"] / stages["index"]["seconds"]},
             "rerank": rerank, "rerank_seconds_per_candidate": rerank["seconds_per_candidate"], "bare_seconds_per_sequence": bare_per_sequence,
+            "bare": bare, "run_bare_seconds_per_sequence": run_bare["seconds"] / run_bare["sequences"] * (run_bare.get("workers_seen") or 1),
             # what no sketch can beat: the top-k of each sign re-ranked and nothing else
             "passes_with_a_perfect_sketch": passes(real_models.Settings.top_k), "dims": rows,
             # the text retriever as the first stage (`--generator bm25`): what a sketch of any size should beat

@@ -114,8 +114,8 @@ def _check_runtime(args: Any) -> None:
     check_positive_int("batch_tokens", args.batch_tokens)
 
 
-BATCH_TOKENS_HELP = ("padded tokens per forward/backward pass: sequences are sorted by length and packed up to this "
-                     "(a longer sequence goes alone)")
+BATCH_TOKENS_HELP = ("padded tokens per forward/backward pass at most: sequences are sorted by length and cut into "
+                     "batches of this size or less where that pads less (a longer sequence goes alone)")
 
 
 @dataclass

@@ -31,6 +31,13 @@ def test_sketch_budget_quick(run_quick):
     assert result["passes_with_a_perfect_sketch"] == pytest.approx(
         (result["rerank"]["fixed_seconds"] + 20 * result["rerank_seconds_per_candidate"]) / result["bare_seconds_per_sequence"])
     assert "| 4096 |" in stdout and "with a perfect sketch" in stdout
+    # passes are in units of a bare loop timed in this call, over a sample of the run's sequences
+    bare = result["bare"]
+    assert bare["sequences"] == min(128, result["sequences"]) and bare["workers_seen"] == 1
+    assert result["bare_seconds_per_sequence"] == pytest.approx(bare["seconds"] / bare["sequences"])
+    assert result["run_bare_seconds_per_sequence"] > 0
+    for figures in result["default_query"].values():
+        assert figures["bare_seconds_per_sequence"] == pytest.approx(result["bare_seconds_per_sequence"])
     # BM25 over the text ranks every sequence: the same depth figures, as a first stage that stores no gradient
     text = result["bm25"]
     for sign in "+-":
