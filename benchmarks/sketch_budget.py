@@ -4,10 +4,11 @@ sketches of 2^10 numbers per document up to `--max-dim`, and what a query re-ran
 It reads a `real_models.py` run's directory (`<work-dir>/runs/<model>`): its corpus, factors, queries, the exact scan
 of those queries (`exact.npz`); the run needs to have finished its exact scan, not its query stage. Its passes are
 those of a bare loop timed in the same call (`BARE_SAMPLE` of the run's sequences, one thread, like the queries):
-this machine's speed drifts by tens of percent between hours, so a run's own bare loop, hours earlier, is no yardstick. It builds one more index, at `--max-dim` with its float32 shards
-kept (`IndexArgs(keep_shards=True)`); a smaller sketch is that one folded (`indexes.search.fold`: for power-of-two
-dimensions, exactly the numbers an index of that dimension holds, tests/indexes/test_tiers.py), then rounded to 4 bits
-as the store keeps it (`encode_sketches`; the JSON also has the unrounded depths).
+this machine's speed drifts by tens of percent between hours, so a run's own bare loop, hours earlier, is no
+yardstick. It builds one more index, at `--max-dim` with its float32 shards kept (`IndexArgs(keep_shards=True)`);
+a smaller sketch is that one folded (`indexes.search.fold`: for power-of-two dimensions, exactly the numbers an index
+of that dimension holds, tests/indexes/test_tiers.py), then rounded to 4 bits as the store keeps it
+(`encode_sketches`; the JSON also has the unrounded depths).
 
 Per dimension and sign: recall@10 at depths 10, 20, 50, ... candidates per sign; the depth at which the mean recall
 over the queries first reaches 0.95; and the query that depth implies, in bare forward+backward passes: (the query's
