@@ -222,6 +222,11 @@ def load_documents_table(path: Path) -> pa.Table:
     return pq.read_table(path)
 
 
+def bare_seconds_per_sequence(bare: dict) -> float:
+    """One worker's time per sequence in a bare loop's figures (`common.bare_forward_backward`): the unit of passes."""
+    return bare["seconds"] / bare["sequences"] * (bare.get("workers_seen") or 1)
+
+
 def query_figures(engine: QueryEngine, queries: list[Query], exact, settings: Settings, bare: dict, generator: str = "index") -> dict:
     """Latency and recall of the default query (or the default with another candidate generator) on an engine's index,
     one torch thread (as a served query runs on a busy machine)."""
@@ -255,7 +260,7 @@ def query_figures(engine: QueryEngine, queries: list[Query], exact, settings: Se
                 assert all(abs(d.score - exact.scores[qi, column[d.seq_id]]) <= 1e-3 * np.abs(exact.scores[qi]).max() for d in docs)
     finally:
         torch.set_num_threads(threads)
-    per_sequence = bare["seconds"] / bare["sequences"] * (bare.get("workers_seen") or 1)  # one worker's time per sequence
+    per_sequence = bare_seconds_per_sequence(bare)
     return {"seconds": common.percentiles(seconds), "candidates_reranked": common.percentiles(candidates),
             "recall_at_10": {sign: float(np.mean(values)) for sign, values in recall.items()},
             "recall_at_10_per_query": recall,

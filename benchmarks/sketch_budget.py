@@ -179,7 +179,7 @@ def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int,
     query_sketches, text_scores, rerank = queries_and_rerank_cost(engine, queries, Path(build["path"]), max_dim, seq_ids)
     settings = real_models.Settings(**identity["settings"])
     bare = bare_loop(model_dir, engine.sequences, settings.batch_tokens)
-    bare_per_sequence = bare["seconds"] / bare["sequences"]  # one process, one thread
+    bare_per_sequence = real_models.bare_seconds_per_sequence(bare)  # one process, one thread
     run_bare = stages["bare"]
 
     def passes(depth: int) -> float:  # a query re-ranking `depth` candidates per sign, in bare passes
@@ -211,7 +211,7 @@ def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int,
             "target_recall": TARGET_RECALL,
             "index": {**build, "ratio_to_run_index": build["seconds"] and build["seconds"] / stages["index"]["seconds"]},
             "rerank": rerank, "rerank_seconds_per_candidate": rerank["seconds_per_candidate"], "bare_seconds_per_sequence": bare_per_sequence,
-            "bare": bare, "run_bare_seconds_per_sequence": run_bare["seconds"] / run_bare["sequences"] * (run_bare.get("workers_seen") or 1),
+            "bare": bare, "run_bare_seconds_per_sequence": real_models.bare_seconds_per_sequence(run_bare),
             # what no sketch can beat: the top-k of each sign re-ranked and nothing else
             "passes_with_a_perfect_sketch": passes(real_models.Settings.top_k), "dims": rows,
             # the text retriever as the first stage (`--generator bm25`): what a sketch of any size should beat
