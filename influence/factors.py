@@ -63,12 +63,34 @@ LOG = logging.getLogger(__name__)
 
 @dataclass
 class ModuleFactors:
-    """What the preconditioner of one module needs. Basis is None for identity and diagonal."""
+    """What the preconditioner of one module needs. Basis is None for identity and diagonal.
+
+    Pickled (e.g. shipped to Ray workers), CPU tensors travel as numpy arrays: Ray shares those between the workers of
+    a node, read in place from its object store, where it would copy a tensor into every worker (the factors are the
+    largest thing a stage ships: 1.3 GB for SmolLM2-135M). Such tensors are views of memory other workers read, so no
+    code may modify factors in place.
+    """
 
     eigenvalues: torch.Tensor                  # (d_out, d_in) Lambda
     damping: float
     q_a: Optional[torch.Tensor] = None         # (d_in, d_in)
     q_s: Optional[torch.Tensor] = None         # (d_out, d_out)
+
+    def __reduce__(self):
+        return _module_factors, (_shareable(self.eigenvalues), self.damping, _shareable(self.q_a), _shareable(self.q_s))
+
+
+def _shareable(tensor: Optional[torch.Tensor]):
+    """A CPU tensor's numpy view (what Ray can share without copying); other tensors (GPU, bfloat16) as they are."""
+    if tensor is None or tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16:
+        return tensor
+    return tensor.detach().numpy()
+
+
+def _module_factors(eigenvalues, damping: float, q_a, q_s) -> ModuleFactors:
+    def tensor(value):
+        return read_only_tensor(value) if isinstance(value, np.ndarray) else value
+    return ModuleFactors(tensor(eigenvalues), damping, tensor(q_a), tensor(q_s))
 
 
 @dataclass

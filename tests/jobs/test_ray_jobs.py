@@ -47,6 +47,41 @@ def test_index_and_scores_on_ray_equal_a_single_process(ray_local, llama_dir, ek
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
+def _mapping_of(tensor) -> str:
+    """The line of /proc/self/maps holding a tensor's data: its fourth permission letter is 's' for shared memory."""
+    address = tensor.data_ptr()
+    for line in open("/proc/self/maps"):
+        low, high = (int(bound, 16) for bound in line.split()[0].split("-"))
+        if low <= address < high:
+            return line
+    raise AssertionError(f"no mapping holds address {address:#x}")
+
+
+def test_factors_reach_ray_workers_as_views_of_the_object_store(ray_local, ekfac_dir):
+    """A worker's factors are the object store's shared memory, not a private copy per worker (Ray copies tensors,
+    and shares only numpy arrays); their values arrive unchanged."""
+    import ray
+    import torch
+
+    factors = load_factors(ekfac_dir)
+
+    @ray.remote
+    def received(box):
+        shipped = ray.get(box[0])
+        return {name: {part: (_mapping_of(t).split()[1], t.clone()) for part, t in
+                       (("eigenvalues", f.eigenvalues), ("q_a", f.q_a), ("q_s", f.q_s))}
+                for name, f in shipped.modules.items()}, _mapping_of(ray.get(box[1])).split()[1]
+
+    boxed = [ray.put(factors), ray.put(torch.ones(256, 256))]
+    parts, plain_tensor = ray.get(received.remote(boxed))
+    assert plain_tensor[3] == "p"  # the check tells the two apart: a tensor shipped as it is lands in private memory
+    assert parts.keys() == factors.modules.keys()
+    for name, by_part in parts.items():
+        for part, (permissions, values) in by_part.items():
+            assert permissions[3] == "s", (name, part, permissions)
+            assert torch.equal(values, getattr(factors.modules[name], part))
+
+
 def _index_command(llama_dir, ekfac_dir, corpus_dir, out, *extra):
     return [sys.executable, "-m", "jobs.cli", "index", "--model", str(llama_dir), "--factors", str(ekfac_dir), "--corpus",
             str(corpus_dir), "--out", str(out), "--shard-size", "1", "--batch-tokens", "1", "--sketch-dim", "64", "--no-progress",
