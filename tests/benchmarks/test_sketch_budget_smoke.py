@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks.sketch_budget import BARE_SAMPLE
+
 
 @pytest.mark.slow
 def test_sketch_budget_quick(run_quick):
@@ -33,7 +35,7 @@ def test_sketch_budget_quick(run_quick):
     assert "| 4096 |" in stdout and "with a perfect sketch" in stdout
     # passes are in units of a bare loop timed in this call, over a sample of the run's sequences
     bare = result["bare"]
-    assert bare["sequences"] == min(128, result["sequences"]) and bare["workers_seen"] == 1
+    assert bare["sequences"] == min(BARE_SAMPLE, result["sequences"]) and bare["workers_seen"] == 1
     assert result["bare_seconds_per_sequence"] == pytest.approx(bare["seconds"] / bare["sequences"])
     assert result["run_bare_seconds_per_sequence"] > 0
     for figures in result["default_query"].values():
