@@ -10,6 +10,8 @@ where they are not needed.
 
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -20,6 +22,8 @@ from torch import nn
 
 from influence.errors import InfluenceError
 from influence.models import TrackedModule
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,25 +64,106 @@ def make_token_batch(sequences: Sequence[Sequence[int]], completion_starts: Opti
     return TokenBatch(input_ids.to(device), attention_mask.to(device), label_mask.to(device), seq_ids)
 
 
-def sample_labels(logits: torch.Tensor, batch: TokenBatch, seed: int) -> torch.Tensor:
-    """Labels drawn from the model's own predictive distribution (the true Fisher).
+#: Logits formed at once by `capture_module_io` (128 MiB of float32): the output layer runs over a few hundred labelled
+#: positions at a time, so a batch's (tokens x vocabulary) logits, their log-softmax and both their gradients are never
+#: all in memory (Gemma-3's 262k-word head: 0.5 GB each at 512 tokens, most of a capture's transient memory).
+LOGIT_CHUNK_NUMBERS = 1 << 25
 
-    Each sequence draws from a generator seeded by (seed, seq_id), so the labels of a sequence do
-    not depend on which batch or shard it lands in: 1 batch and many batches fit the same factors.
+#: Per model object: its (body, output layer) when the logits are exactly the output layer applied to the body's last
+#: hidden state, else None (see `output_layer_split`).
+_OUTPUT_LAYER_SPLITS: "weakref.WeakKeyDictionary[nn.Module, Optional[tuple[nn.Module, nn.Module]]]" = weakref.WeakKeyDictionary()
+
+
+def output_layer_split(model: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
+    """(body, output layer) when `model`'s logits are exactly output_layer(body(...).last_hidden_state); else None.
+
+    Checked once per model object on a short probe, bitwise: a model that transforms its logits after the output layer
+    (Gemma 2's soft-capping, a logit scale) or whose body does not return its last hidden state is never split, and
+    `capture_module_io` computes its logits whole, as the model does.
     """
-    labels = torch.zeros(batch.input_ids.shape, dtype=torch.long)
-    probs = torch.softmax(logits.detach().float(), dim=-1).cpu()  # (batch, tokens, vocab)
-    seq_ids = batch.seq_ids if batch.seq_ids is not None else list(range(len(probs)))
-    for row, seq_id in enumerate(seq_ids):
-        generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(seq_id))
-        labels[row] = torch.multinomial(probs[row], 1, generator=generator).squeeze(-1)
-    return labels.to(logits.device)
+    if model in _OUTPUT_LAYER_SPLITS:
+        return _OUTPUT_LAYER_SPLITS[model]
+    split = None
+    body = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is not None and body is not model and isinstance(head, nn.Linear):
+        ids = (torch.arange(8, device=head.weight.device) * 7919 % head.out_features)[None]  # a few distinct valid tokens
+        mask = torch.ones_like(ids)
+        try:
+            with torch.no_grad():
+                whole = model(input_ids=ids, attention_mask=mask).logits
+                hidden = getattr(body(input_ids=ids, attention_mask=mask), "last_hidden_state", None)
+                if hidden is not None and torch.equal(head(hidden), whole):
+                    split = (body, head)
+        except Exception as exc:  # noqa: BLE001 - any failure keeps the model whole, the path that always works
+            LOG.debug("the output layer of %s is not split off (%s: %s)", type(model).__name__, type(exc).__name__, exc)
+    _OUTPUT_LAYER_SPLITS[model] = split
+    return split
 
 
-def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies over the labelled positions."""
-    losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-    return (losses * label_mask).sum()
+def label_chunks(label_mask: torch.Tensor, positions_per_chunk: int) -> list[list[tuple[int, torch.Tensor]]]:
+    """A batch's labelled positions in chunks of at most `positions_per_chunk`, each a list of (row, positions) pieces.
+
+    A sequence is cut at multiples of `positions_per_chunk` of its own labelled positions and its pieces are packed in
+    order, so how a sequence is cut never depends on the batch it is in: the labels it samples piece by piece from its
+    own generator are the same in every batch.
+    """
+    chunks: list[list[tuple[int, torch.Tensor]]] = []
+    current: list[tuple[int, torch.Tensor]] = []
+    size = 0
+    for row in range(label_mask.shape[0]):
+        positions = label_mask[row].nonzero().squeeze(-1)
+        for start in range(0, len(positions), positions_per_chunk):
+            piece = positions[start:start + positions_per_chunk]
+            if current and size + len(piece) > positions_per_chunk:
+                chunks.append(current)
+                current, size = [], 0
+            current.append((row, piece))
+            size += len(piece)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def labelled_loss_gradient(body_out: torch.Tensor, output_layer: Optional[nn.Module], batch: TokenBatch,
+                           labels: Optional[torch.Tensor] = None, sample_seed: Optional[int] = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed next-token cross-entropy over the labelled positions, and its gradient with respect to `body_out`.
+
+    `body_out` is (batch, tokens, width): the last hidden state, turned into logits by `output_layer`, or the logits
+    themselves (`output_layer` None). Logits are formed `LOGIT_CHUNK_NUMBERS` at a time, only at labelled positions.
+    Labels are `labels`, the real next tokens, or, with `sample_seed`, drawn from the model's own predictive
+    distribution (the true Fisher) by a generator seeded by (seed, seq_id): a sequence's labels do not depend on the
+    batch it is in, so 1 batch and many batches fit the same factors.
+    """
+    batch_size, tokens = body_out.shape[:2]
+    flat = body_out.detach().flatten(0, 1)  # (batch * tokens, width)
+    gradient = torch.zeros_like(flat)
+    total = flat.new_zeros((), dtype=torch.float64)  # chunk losses add up in float64, whatever the model dtype
+    vocabulary = output_layer.out_features if output_layer is not None else flat.shape[-1]
+    targets = (labels if labels is not None else batch.labels).flatten()
+    seq_ids = batch.seq_ids if batch.seq_ids is not None else list(range(batch_size))
+    generators: dict[int, torch.Generator] = {}
+    for chunk in label_chunks(batch.label_mask, max(1, LOGIT_CHUNK_NUMBERS // vocabulary)):
+        index = torch.cat([row * tokens + positions for row, positions in chunk]).to(flat.device)
+        inputs = flat[index].requires_grad_(True)
+        with torch.enable_grad():
+            logits = inputs if output_layer is None else output_layer(inputs)  # (positions, vocabulary)
+            if sample_seed is None:
+                target = targets[index]
+            else:
+                probs = torch.softmax(logits.detach().float(), dim=-1).cpu()
+                drawn, offset = [], 0
+                for row, positions in chunk:
+                    if row not in generators:
+                        generators[row] = torch.Generator().manual_seed(int(sample_seed) * 1_000_003 + int(seq_ids[row]))
+                    drawn.append(torch.multinomial(probs[offset:offset + len(positions)], 1, generator=generators[row]).squeeze(-1))
+                    offset += len(positions)
+                target = torch.cat(drawn).to(logits.device)
+            loss = F.cross_entropy(logits, target, reduction="sum")
+            gradient[index] = torch.autograd.grad(loss, inputs)[0]
+        total += loss.detach().double()
+    return total, gradient.view(batch_size, tokens, -1)
 
 
 def capture_module_io(model: nn.Module, modules: list[TrackedModule], batch: TokenBatch,
@@ -86,9 +171,10 @@ def capture_module_io(model: nn.Module, modules: list[TrackedModule], batch: Tok
                       ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Run forward and backward once; return {module: (a, s)} and the summed loss.
 
-    Labels are the real next tokens, `labels` if given, or samples from the model when `sample_seed`
-    is set. Inputs at padded positions are zeroed, so sums over tokens ignore padding. Works with frozen
-    parameters (the default of `models.load_model`): no weight gradient is ever formed.
+    Labels are the real next tokens, `labels` if given, or samples from the model when `sample_seed` is set
+    (`labelled_loss_gradient`). Inputs at padded positions are zeroed, so sums over tokens ignore padding. Works with
+    frozen parameters (the default of `models.load_model`): no weight gradient is ever formed. Where the output layer
+    can be split off (`output_layer_split`), the body runs whole and the logits are formed a chunk at a time.
     """
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -106,31 +192,36 @@ def capture_module_io(model: nn.Module, modules: list[TrackedModule], batch: Tok
             return output
         return hook
 
+    split = output_layer_split(model)
     handles = [m.module.register_forward_hook(hook_for(m.name)) for m in modules]
     try:
         with torch.enable_grad():
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
-            if labels is None:
-                labels = sample_labels(logits, batch, sample_seed) if sample_seed is not None else batch.labels
-            loss = summed_token_loss(logits, labels, batch.label_mask)
+            arguments = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask.long(), "use_cache": False}
+            if split is not None:
+                body, output_layer = split
+                body_out = body(**arguments).last_hidden_state  # (batch, tokens, hidden)
+            else:
+                body_out, output_layer = model(**arguments).logits, None  # (batch, tokens, vocabulary)
             missing = [m.name for m in modules if m.name not in outputs]
             if missing:
                 raise InfluenceError(f"tracked modules {missing[:4]} were not called in the forward pass")
-            grads = torch.autograd.grad(loss, [outputs[m.name] for m in modules], allow_unused=True)
+            loss, body_gradient = labelled_loss_gradient(body_out, output_layer, batch, labels, sample_seed)
+            grads = torch.autograd.grad(body_out, [outputs[m.name] for m in modules], grad_outputs=body_gradient,
+                                        allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
-    mask = batch.attention_mask.unsqueeze(-1).to(logits.dtype)  # (batch, tokens, 1)
+    mask = batch.attention_mask.unsqueeze(-1)  # (batch, tokens, 1)
     result = {}
     for module, grad in zip(modules, grads):
-        a = inputs[module.name] * mask  # (batch, tokens, d_in)
+        a = inputs[module.name] * mask.to(inputs[module.name].dtype)  # (batch, tokens, d_in)
         if module.has_bias:
-            a = torch.cat([a, mask], dim=-1)  # (batch, tokens, d_in + 1)
+            a = torch.cat([a, mask.to(a.dtype)], dim=-1)  # (batch, tokens, d_in + 1)
         s = torch.zeros_like(outputs[module.name]) if grad is None else grad.detach()  # (batch, tokens, d_out)
         if a.dtype in (torch.float16, torch.bfloat16):  # curvature sums need float32 accumulation
             a, s = a.float(), s.float()
         result[module.name] = (a, s)
-    return result, loss.detach()
+    return result, loss
 
 
 def sequence_gradients(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

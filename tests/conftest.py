@@ -13,7 +13,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from jobs.demo.tiny import build_model, build_tokenizer  # noqa: E402
+from jobs.demo.tiny import ARCHITECTURES, build_model, build_tokenizer  # noqa: E402
 
 TEXTS = [
     "The assistant answered the question about the weather politely.",
@@ -45,7 +45,7 @@ def corpus_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session", params=["llama", "gpt2", "gpt_neox"])
+@pytest.fixture(scope="session", params=list(ARCHITECTURES))
 def any_model_dir(request, tmp_path_factory, tokenizer):
     return build_model(tmp_path_factory.mktemp(request.param), tokenizer, request.param, hidden=8, layers=1, heads=2, intermediate=12)
 

@@ -1,19 +1,24 @@
 """Per-sequence gradients from hooks against a loop of autograd calls, for every architecture."""
 
+import json
 import random
 
+import pytest
 import torch
 
+from influence import gradients
 from influence.corpus import chunk_token_ids
-from influence.gradients import (CPU_BATCH_OVERHEAD_TOKENS, capture_module_io, make_token_batch, plan_batches, rotated_gradient_blocks,
-                                 rotated_gradients, sequence_gradients)
+from influence.gradients import (CPU_BATCH_OVERHEAD_TOKENS, capture_module_io, label_chunks, make_token_batch, output_layer_split,
+                                 plan_batches, rotated_gradient_blocks, rotated_gradients, sequence_gradients)
 from influence.models import find_tracked_modules, load_model
+from jobs.demo.tiny import build_model
 from tests.conftest import TEXTS
 from tests.oracles import autograd_gradient
 
 
 def test_batched_gradients_match_autograd_loop(any_model_dir, tokenizer):
     model = load_model(any_model_dir, dtype=torch.float64)
+    assert output_layer_split(model) is not None  # the body runs whole and the output layer on chunks of positions
     modules = find_tracked_modules(model)
     sequences = [tokenizer(t)["input_ids"][:20] for t in TEXTS[:5]]  # unequal lengths: exercises padding
     io, _ = capture_module_io(model, modules, make_token_batch(sequences))
@@ -33,6 +38,56 @@ def test_query_gradient_covers_completion_tokens_only(llama_dir, tokenizer):
     expected = autograd_gradient(model, modules, ids, completion_start=len(prompt))
     for m in modules:
         torch.testing.assert_close(sequence_gradients(*io[m.name])[0], expected[m.name], rtol=1e-10, atol=1e-12)
+
+
+def test_logits_are_formed_a_few_positions_at_a_time(llama_dir, tokenizer, monkeypatch):
+    model = load_model(llama_dir, dtype=torch.float64)
+    modules = find_tracked_modules(model)
+    head = model.get_output_embeddings()
+    monkeypatch.setattr(gradients, "LOGIT_CHUNK_NUMBERS", 3 * head.out_features)  # 3 positions per chunk
+    sequences = [tokenizer(t)["input_ids"][:n] for t, n in zip(TEXTS, (9, 2, 6, 12))]
+    assert output_layer_split(model) is not None  # (its probe, once per model, calls the head too)
+    rows_seen = []
+    handle = head.register_forward_hook(lambda _m, args, _out: rows_seen.append(args[0].shape[0]))
+    try:
+        io, loss = capture_module_io(model, modules, make_token_batch(sequences))
+    finally:
+        handle.remove()
+    labelled = sum(len(ids) - 1 for ids in sequences)
+    assert max(rows_seen) == 3 and sum(rows_seen) == labelled  # never the batch's padded (4 x 12) logits at once
+    expected_loss = 0.0
+    for row, ids in enumerate(sequences):
+        expected = autograd_gradient(model, modules, ids)
+        for m in modules:
+            torch.testing.assert_close(sequence_gradients(*io[m.name])[row], expected[m.name], rtol=1e-10, atol=1e-12)
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        expected_loss += torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-12)
+
+
+def test_label_chunks_cut_a_sequence_where_its_own_positions_say():
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[0, :7], mask[1, :2], mask[2, 3:5] = True, True, True  # the last one: a completion from position 3 on
+    chunks = label_chunks(mask, 3)
+    pieces = [[(row, positions.tolist()) for row, positions in chunk] for chunk in chunks]
+    assert pieces == [[(0, [0, 1, 2])], [(0, [3, 4, 5])], [(0, [6]), (1, [0, 1])], [(2, [3, 4])]]
+    # alone, row 0 is cut at the same places: its sampled labels do not depend on its batch
+    assert [[p.tolist() for _, p in chunk] for chunk in label_chunks(mask[:1], 3)] == [[[0, 1, 2]], [[3, 4, 5]], [[6]]]
+
+
+def test_a_model_that_transforms_its_logits_keeps_them_whole(tmp_path, tokenizer):
+    model_dir = build_model(tmp_path / "softcapped", tokenizer, "gemma3", hidden=8, layers=2, heads=2, intermediate=12)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 0.5}))  # Gemma 2's tanh cap
+    model = load_model(model_dir, dtype=torch.float64)
+    assert output_layer_split(model) is None
+    modules = find_tracked_modules(model)
+    sequences = [tokenizer(t)["input_ids"][:n] for t, n in zip(TEXTS, (10, 7))]
+    io, _ = capture_module_io(model, modules, make_token_batch(sequences))
+    for row, ids in enumerate(sequences):
+        expected = autograd_gradient(model, modules, ids)  # through the model's own capped logits
+        for m in modules:
+            torch.testing.assert_close(sequence_gradients(*io[m.name])[row], expected[m.name], rtol=1e-10, atol=1e-12)
 
 
 def test_rotated_gradients_equal_basis_change():
@@ -58,8 +113,11 @@ def test_rotated_gradient_blocks_tile_the_rotated_gradients():
         assert rows == slice(0, 7) and torch.equal(block, whole)
 
 
-def test_sampled_labels_do_not_depend_on_batching(llama_dir, tokenizer):
+@pytest.mark.parametrize("positions_per_chunk", [3, None])
+def test_sampled_labels_do_not_depend_on_batching(llama_dir, tokenizer, monkeypatch, positions_per_chunk):
     model = load_model(llama_dir, dtype=torch.float64)
+    if positions_per_chunk:  # sequences of 15 labelled positions in chunks of 3: each is cut, and packed with others
+        monkeypatch.setattr(gradients, "LOGIT_CHUNK_NUMBERS", positions_per_chunk * model.get_output_embeddings().out_features)
     modules = find_tracked_modules(model)
     sequences = [tokenizer(t)["input_ids"][:16] for t in TEXTS[:4]]
     together, _ = capture_module_io(model, modules, make_token_batch(sequences, seq_ids=[0, 1, 2, 3]), sample_seed=7)

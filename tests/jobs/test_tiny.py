@@ -49,7 +49,7 @@ def test_training_refuses_sequences_longer_than_the_context(toy):
 
 @pytest.mark.parametrize("architecture, model_class", [("gemma3", "Gemma3ForCausalLM"), ("qwen2", "Qwen2ForCausalLM")])
 def test_gemma3_and_qwen2_track_every_mlp_layer_and_capture_its_gradient(tmp_path, tokenizer, architecture, model_class):
-    from influence.gradients import capture_module_io, make_token_batch, sequence_gradients, summed_token_loss
+    from influence.gradients import capture_module_io, make_token_batch, sequence_gradients
     from influence.models import find_tracked_modules
 
     model_dir = build_model(tmp_path / architecture, tokenizer, architecture, hidden=16, layers=2, heads=2, intermediate=32)
@@ -64,7 +64,8 @@ def test_gemma3_and_qwen2_track_every_mlp_layer_and_capture_its_gradient(tmp_pat
     captured, _ = capture_module_io(model, modules, batch)
     model.requires_grad_(True)  # the oracle: autograd's weight gradients of the same loss
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
-    grads = torch.autograd.grad(summed_token_loss(logits, batch.labels, batch.label_mask), [m.module.weight for m in modules])
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), reduction="none")
+    grads = torch.autograd.grad((losses * batch.label_mask.flatten()).sum(), [m.module.weight for m in modules])
     for module, grad in zip(modules, grads):
         a, s = captured[module.name]
         assert s.abs().sum() > 0
