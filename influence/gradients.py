@@ -111,8 +111,10 @@ def label_chunks(label_mask: torch.Tensor, positions_per_chunk: int) -> list[lis
     chunks: list[list[tuple[int, torch.Tensor]]] = []
     current: list[tuple[int, torch.Tensor]] = []
     size = 0
-    for row in range(label_mask.shape[0]):
-        positions = label_mask[row].nonzero().squeeze(-1)
+    rows, columns = label_mask.nonzero(as_tuple=True)
+    # one device sync for the whole batch: the split sizes come to the host once, not a `nonzero()` per row
+    counts = torch.bincount(rows, minlength=label_mask.shape[0]).tolist()
+    for row, positions in enumerate(torch.split(columns, counts)):
         for start in range(0, len(positions), positions_per_chunk):
             piece = positions[start:start + positions_per_chunk]
             if current and size + len(piece) > positions_per_chunk:
@@ -145,7 +147,7 @@ def labelled_loss_gradient(body_out: torch.Tensor, output_layer: Optional[nn.Mod
     seq_ids = batch.seq_ids if batch.seq_ids is not None else list(range(batch_size))
     generators: dict[int, torch.Generator] = {}
     for chunk in label_chunks(batch.label_mask, max(1, LOGIT_CHUNK_NUMBERS // vocabulary)):
-        index = torch.cat([row * tokens + positions for row, positions in chunk]).to(flat.device)
+        index = torch.cat([row * tokens + positions for row, positions in chunk])
         inputs = flat[index].requires_grad_(True)
         with torch.enable_grad():
             logits = inputs if output_layer is None else output_layer(inputs)  # (positions, vocabulary)
