@@ -6,7 +6,9 @@
   to a temporary path so that they never overwrite the recorded results in `benchmarks/results/`.
 - Statistics: `percentiles`, `mean_sem`, `pearson`, `spearman`, `top_ids`, `recall_at_k`, `topk_overlap`.
 - Memory and time: `peak_rss_mb` (VmHWM from /proc: getrusage's ru_maxrss is inherited across fork+exec, so it is
-  wrong for children), `reset_peak_rss`, `reset_peaks`, `process_peaks` (VmHWM of descendants, e.g. Ray workers), `Timer`.
+  wrong for children), `reset_peak_rss`, `reset_peaks`, `process_peaks` (VmHWM of descendants, e.g. Ray workers),
+  `MemorySampler` (polled peaks of each process's private memory and of the machine's memory in use: VmHWM counts
+  shared pages once per process that maps them), `Timer`.
 - The reference of every throughput ratio, `bare_forward_backward`: a plain `model(...).loss.backward()` loop with
   every parameter trainable, over the same sequences in the same batches and shards as the engine, run as a stage
   pass on any executor (this process, or the same Ray workers as the engine).
@@ -31,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -237,8 +240,13 @@ def topk_overlap(a: Sequence[float], b: Sequence[float], k: int, sign: str = "+"
 
 
 def _status_kib(pid: int | str, field: str) -> Optional[int]:
+    return _proc_kib(f"/proc/{pid}/status", field)
+
+
+def _proc_kib(path: str, field: str) -> Optional[int]:
+    """A `field: <n> kB` line of a /proc file (a process's status, /proc/meminfo), in KiB."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     except (OSError, ValueError, IndexError):
@@ -287,22 +295,88 @@ def descendants(pid: Optional[int] = None) -> list[int]:
     return found
 
 
-def process_peaks(match: Optional[str] = None) -> list[dict[str, Any]]:
-    """VmHWM of this process's live descendants whose command line contains `match` (all when None), largest first.
-
-    Read them before the processes exit (e.g. inside a RayExecutor's `with` block): VmHWM is kept by the kernel for
-    the process's lifetime, so one reading at the end gives the peak, without polling.
-    """
-    peaks = []
+def matching_descendants(match: Optional[str] = None) -> list[tuple[int, str]]:
+    """(pid, command line) of this process's live descendants whose command line contains `match` (all when None)."""
+    found = []
     for pid in descendants():
         try:
             name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        peak = peak_rss_mb(pid)
-        if peak is not None and (match is None or match in name):
-            peaks.append({"pid": pid, "name": name[:100], "peak_rss_mb": peak})
+        if match is None or match in name:
+            found.append((pid, name[:100]))
+    return found
+
+
+def process_peaks(match: Optional[str] = None) -> list[dict[str, Any]]:
+    """VmHWM of this process's live descendants whose command line contains `match` (all when None), largest first.
+
+    Read them before the processes exit (e.g. inside a RayExecutor's `with` block): VmHWM is kept by the kernel for
+    the process's lifetime, so one reading at the end gives the peak, without polling. It counts every page a process
+    maps, shared ones included: `MemorySampler` tells private memory and the machine's total apart.
+    """
+    peaks = [{"pid": pid, "name": name, "peak_rss_mb": peak} for pid, name in matching_descendants(match)
+             if (peak := peak_rss_mb(pid)) is not None]
     return sorted(peaks, key=lambda p: -p["peak_rss_mb"])
+
+
+def machine_used_mb() -> Optional[float]:
+    """The machine's memory in use (MemTotal - MemAvailable), in MiB: private pages and shared memory, each page once,
+    not the page cache the kernel can reclaim; None when /proc cannot tell."""
+    total, available = _proc_kib("/proc/meminfo", "MemTotal"), _proc_kib("/proc/meminfo", "MemAvailable")
+    return None if total is None or available is None else round((total - available) / 1024, 1)
+
+
+class MemorySampler:
+    """What VmHWM cannot tell, polled every `interval` seconds over a `with` block: each process's peak private memory
+    (RssAnon) and the machine's peak memory in use (`machine_used_mb`).
+
+    A Ray worker's VmHWM counts every page it maps: the model file's pages, and the object store's shared pages (the
+    factors a pass shares, and pages that an earlier pass's shared data left touched, which stay mapped). Those are
+    the same physical pages in every worker and in the driver, so adding up VmHWMs counts them once per process;
+    private memory and the machine's total count each page once. A poll misses peaks shorter than `interval`, and the
+    machine's total includes whatever else runs on it (`machine_used_before_mb` is its reading at the start).
+    """
+
+    def __init__(self, match: Optional[str] = None, interval: float = 0.25):
+        self.match, self.interval = match, interval
+        self._private: dict[int, tuple[str, float]] = {}
+        self.machine_used_before_mb = self._machine_peak = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "MemorySampler":
+        self.machine_used_before_mb = self._machine_peak = machine_used_mb()
+        self._sample()
+        self._thread = threading.Thread(target=self._poll, name="memory-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        used = machine_used_mb()
+        if used is not None:
+            self._machine_peak = max(self._machine_peak or 0.0, used)
+        for pid, name in [(os.getpid(), "driver"), *matching_descendants(self.match)]:
+            kib = _status_kib(pid, "RssAnon")
+            if kib is not None and kib / 1024 > self._private.get(pid, ("", -1.0))[1]:
+                self._private[pid] = (name, round(kib / 1024, 1))
+
+    def figures(self) -> dict[str, Any]:
+        """`machine_used_mb` (peak) and `machine_used_before_mb`; `driver_private_mb` and `workers_private_mb` (largest
+        first): peaks of RssAnon, in MiB."""
+        driver = self._private.get(os.getpid(), ("", None))[1]
+        workers = sorted((peak for pid, (_, peak) in self._private.items() if pid != os.getpid()), reverse=True)
+        return {"machine_used_mb": self._machine_peak, "machine_used_before_mb": self.machine_used_before_mb,
+                "driver_private_mb": driver, "workers_private_mb": workers}
 
 
 class Timer:

@@ -10,7 +10,9 @@ stage to the next and drops the rest, `influence.stage.Workspace`):
 - `bare`: a plain `model(...).loss.backward()` loop over the corpus with every parameter trainable
   (`common.bare_forward_backward`), the reference of every ratio;
 - `fit` (EK-FAC, true Fisher) and `index` (default `IndexArgs`): seconds, tokens/s, ratio to the bare loop's
-  throughput, peak RSS of the driver and the workers, bytes on disk (per document for the index);
+  throughput, peak RSS (VmHWM) of the driver and the workers, their peak private memory and the machine's peak
+  memory in use (`common.MemorySampler`: VmHWM counts the object store's shared pages in every worker), bytes on
+  disk (per document for the index);
 - `exact`: a full exact scan of every query over the corpus (`compute_scores`), the ground truth;
 - `query`: `QueryEngine.query` per query with the default `QueryArgs` (one torch thread): p50/p95, candidates
   re-ranked, recall@10 of both signs against the scan, p50 in units of the bare loop's time per sequence, and the
@@ -179,10 +181,10 @@ def run_model(name: str, model_dir: Path, settings: Settings, work: Path, execut
 
     def timed(build, out: Path) -> dict:
         common.reset_peaks("StageWorker")
-        with common.Timer() as timer:
+        with common.MemorySampler("StageWorker") as memory, common.Timer() as timer:
             build(out)
         return {"seconds": timer.seconds, "tokens_per_s": result["tokens"] / timer.seconds,
-                "ratio_to_bare": result["tokens"] / timer.seconds / bare_rate, "peak_rss": peaks(),
+                "ratio_to_bare": result["tokens"] / timer.seconds / bare_rate, "peak_rss": peaks(), "memory": memory.figures(),
                 "bytes_on_disk": sum(common.dir_bytes(out).values())}
 
     factors, index = work / "factors", work / "index"

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -74,3 +75,23 @@ def test_bare_loop_counts_every_sequence(corpus_dir, llama_dir):
     assert result["sequences"] == sequences.num_rows and result["tokens"] == sum(sequences["num_tokens"].to_pylist())
     assert result["shards"] == -(-sequences.num_rows // 5) and result["sequences_per_s"] > 0
     assert 0 < result["padding_efficiency"] <= 1
+
+
+def test_memory_sampler_sees_private_peaks_of_this_process_and_of_children():
+    if common.machine_used_mb() is None or common._status_kib("self", "RssAnon") is None:
+        pytest.skip("no /proc/meminfo or RssAnon here")
+    child = subprocess.Popen([sys.executable, "-c", "import sys, numpy; b = numpy.ones(2**24); print('held', flush=True); "
+                              "sys.stdin.readline(); del b; sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"held\n"  # 128 MiB, touched
+        with common.MemorySampler("numpy.ones", interval=0.02) as sampler:
+            low = common._status_kib("self", "RssAnon") / 1024
+            block = np.ones(96 * 2**20 // 8)  # 96 MiB, touched, held past a few polls
+            time.sleep(0.3)
+            del block
+        figures = sampler.figures()
+    finally:
+        child.communicate(b"\n")
+    assert figures["driver_private_mb"] - low >= 90, (low, figures)  # this process's allocation, private
+    assert len(figures["workers_private_mb"]) == 1 and figures["workers_private_mb"][0] >= 120, figures  # the child's
+    assert figures["machine_used_mb"] >= figures["machine_used_before_mb"] > 0, figures
