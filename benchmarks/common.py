@@ -340,7 +340,7 @@ class MemorySampler:
 
     def __init__(self, match: Optional[str] = None, interval: float = 0.25):
         self.match, self.interval = match, interval
-        self._private: dict[int, tuple[str, float]] = {}
+        self._private: dict[int, float] = {}  # pid: peak RssAnon in MiB
         self.machine_used_before_mb = self._machine_peak = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -365,16 +365,16 @@ class MemorySampler:
         used = machine_used_mb()
         if used is not None:
             self._machine_peak = max(self._machine_peak or 0.0, used)
-        for pid, name in [(os.getpid(), "driver"), *matching_descendants(self.match)]:
+        for pid in [os.getpid(), *(pid for pid, _ in matching_descendants(self.match))]:
             kib = _status_kib(pid, "RssAnon")
-            if kib is not None and kib / 1024 > self._private.get(pid, ("", -1.0))[1]:
-                self._private[pid] = (name, round(kib / 1024, 1))
+            if kib is not None:
+                self._private[pid] = max(self._private.get(pid, 0.0), round(kib / 1024, 1))
 
     def figures(self) -> dict[str, Any]:
         """`machine_used_mb` (peak) and `machine_used_before_mb`; `driver_private_mb` and `workers_private_mb` (largest
         first): peaks of RssAnon, in MiB."""
-        driver = self._private.get(os.getpid(), ("", None))[1]
-        workers = sorted((peak for pid, (_, peak) in self._private.items() if pid != os.getpid()), reverse=True)
+        driver = self._private.get(os.getpid())
+        workers = sorted((peak for pid, peak in self._private.items() if pid != os.getpid()), reverse=True)
         return {"machine_used_mb": self._machine_peak, "machine_used_before_mb": self.machine_used_before_mb,
                 "driver_private_mb": driver, "workers_private_mb": workers}
 
