@@ -334,8 +334,10 @@ class MemorySampler:
     A Ray worker's VmHWM counts every page it maps: the model file's pages, and the object store's shared pages (the
     factors a pass shares, and pages that an earlier pass's shared data left touched, which stay mapped). Those are
     the same physical pages in every worker and in the driver, so adding up VmHWMs counts them once per process;
-    private memory and the machine's total count each page once. A poll misses peaks shorter than `interval`, and the
-    machine's total includes whatever else runs on it (`machine_used_before_mb` is its reading at the start).
+    private memory and the machine's total count each page once. A poll misses peaks shorter than `interval`; the
+    kernel folds its per-CPU counts into /proc/meminfo about once a second (vm.stat_interval), so the machine's total
+    misses peaks shorter than that, and it includes whatever else runs on the machine (`machine_used_before_mb` is its
+    reading at the start).
     """
 
     def __init__(self, match: Optional[str] = None, interval: float = 0.25):

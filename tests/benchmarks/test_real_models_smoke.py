@@ -19,7 +19,7 @@ def test_real_models_quick(run_quick):
             ratio = r[stage]["ratio_to_bare"]
             assert math.isfinite(ratio) and 0 < ratio < 20, (r["model"], stage, ratio)
             memory = r[stage]["memory"]  # --quick runs in this process: no workers, the driver's private memory
-            assert memory["machine_used_mb"] >= memory["machine_used_before_mb"] > 0 and memory["workers_private_mb"] == []
+            assert memory["machine_used_before_mb"] > 0 and memory["workers_private_mb"] == []
             assert 50 < memory["driver_private_mb"] < r[stage]["peak_rss"]["driver_mb"] + 1, memory
         # the index: a 4-bit sketch per document and its doc-table row, nothing kept beside them
         assert r["index"]["bytes_per_sequence"] == pytest.approx(IndexArgs().sketch_dim / 2 + 64, abs=64), r["index"]
