@@ -24,14 +24,14 @@ from indexes.search import encode_refine
 from indexes.shards import sketch_shard_exists, sketch_shard_path, write_sketch_shard
 from indexes.store import check_factory, index_exists, merge_sketch_shards
 from influence.arguments import IndexArgs
-from influence.artifacts import (check_existing, prepare_output, read_json, read_manifest, references, require_same, require_same_plan,
-                                 write_json, write_manifest)
+from influence.artifacts import read_json, read_manifest, references, require_same, require_same_plan, write_json, write_manifest
 from influence.constants import ARGS_NAME, FACTORS_NAME, MANIFEST_NAME
 from influence.corpus import TokenRows, load_sequences, require_fits_context, require_same_tokenizer, shard_rows, token_rows
 from influence.errors import InfluenceError
 from influence.factors import Factors, load_factors
 from influence.gradients import capture_module_io, make_token_batch, plan_batches
 from influence.models import ModelInfo, ModelSpec, describe_model, load_model_context, model_identity, require_model_dir
+from influence.outputs import check_existing, prepare_output
 from influence.sketches import Sketcher
 from influence.stage import Executor, Pass, Workspace, run_stage
 

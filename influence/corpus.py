@@ -22,10 +22,11 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from influence.arguments import CorpusArgs
-from influence.artifacts import check_existing, prepare_output, read_manifest, write_json, write_manifest, write_parquet
+from influence.artifacts import read_manifest, write_json, write_manifest, write_parquet
 from influence.constants import ARGS_NAME, MANIFEST_NAME, SEQUENCES_NAME
 from influence.errors import InfluenceError
 from influence.models import load_tokenizer, require_model_dir
+from influence.outputs import check_existing, prepare_output
 
 LOG = logging.getLogger(__name__)
 DOCUMENT_COLUMNS = ("doc_id", "text", "source", "lang")

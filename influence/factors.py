@@ -38,24 +38,13 @@ import torch
 
 from influence import constants as C
 from influence.arguments import FactorArgs
-from influence.artifacts import (
-    check_existing,
-    load_tensors,
-    prepare_output,
-    read_json,
-    read_manifest,
-    read_only_tensor,
-    references,
-    require_same,
-    require_same_plan,
-    save_tensors,
-    write_json,
-    write_manifest,
-)
+from influence.artifacts import (load_tensors, read_json, read_manifest, read_only_tensor, references, require_same,
+                                 require_same_plan, save_tensors, write_json, write_manifest)
 from influence.corpus import TokenRows, load_sequences, require_fits_context, require_same_tokenizer, shard_rows, token_rows
 from influence.errors import InfluenceError
 from influence.gradients import capture_module_io, make_token_batch, plan_batches, rotated_gradient_blocks
 from influence.models import ModelInfo, ModelSpec, describe_model, load_model_context, model_identity, require_model_dir
+from influence.outputs import check_existing, prepare_output
 from influence.stage import Executor, Pass, Workspace, run_stage
 
 LOG = logging.getLogger(__name__)

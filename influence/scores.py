@@ -24,12 +24,13 @@ import pyarrow.parquet as pq
 import torch
 
 from influence.arguments import ScoreArgs
-from influence.artifacts import check_output_file, write_parquet
+from influence.artifacts import write_parquet
 from influence.corpus import TokenRows, load_sequences, require_fits_context, require_same_tokenizer, shard_rows, token_rows
 from influence.errors import InfluenceError
 from influence.factors import Factors, load_factors
 from influence.gradients import TokenBatch, capture_module_io, make_token_batch, plan_batches, rotated_gradients, sequence_gradients
 from influence.models import LoadedModel, ModelSpec, describe_model, load_model_context, load_tokenizer, model_identity, require_model_dir
+from influence.outputs import check_output_file
 from influence.preconditioner import low_rank, rotate, self_influence_from_rotated, unrotate
 from influence.queries import Query, TokenizedQuery, tokenize_query
 from influence.stage import Executor, Pass, Workspace, run_stage
@@ -287,7 +288,7 @@ def compute_scores(model_dir: Path | str, factors_dir: Path | str, corpus_dir: P
 
 def check_score_output(out_path: Path, inputs: dict) -> Path:
     """The score table is one file: a .parquet path that is not an input or inside an artifact, not an existing
-    directory, and replaces only an earlier score table (`artifacts.check_output_file`)."""
+    directory, and replaces only an earlier score table (`outputs.check_output_file`)."""
     def is_scores_table(path: Path) -> bool:
         try:
             return {"query_id", "seq_id", "score"} <= set(pq.read_schema(path).names)

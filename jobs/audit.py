@@ -17,9 +17,10 @@ import pyarrow.compute as pc
 
 from indexes.store import load_doc_table
 from influence.arguments import ScoreArgs
-from influence.artifacts import prepare_output, read_manifest, require_same, resolve_reference, write_json
+from influence.artifacts import read_manifest, require_same, resolve_reference, write_json
 from influence.corpus import load_sequences
 from influence.models import model_identity, require_model_dir
+from influence.outputs import prepare_output
 from influence.queries import Query
 from influence.scores import compute_scores
 from influence.stage import Executor

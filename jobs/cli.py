@@ -150,7 +150,8 @@ def fit_options(parser):
 
 
 def fit_run(ns):
-    from influence.artifacts import check_existing, read_manifest
+    from influence.artifacts import read_manifest
+    from influence.outputs import check_existing
     from influence.factors import fit_factors
     from influence.models import describe_model
 
@@ -185,7 +186,7 @@ def discard_unfinished(out: Path) -> None:
     before it was refused): a failed first attempt leaves nothing behind. Not when another writer holds its lock."""
     import shutil
 
-    from influence.artifacts import lock_directory
+    from influence.outputs import lock_directory
     from influence.constants import EIGENVECTORS_NAME, LOCK_NAME, MANIFEST_NAME
 
     if not out.is_dir():
@@ -213,7 +214,8 @@ def index_options(parser):
 
 def index_run(ns):
     from indexes.build import build_index
-    from influence.artifacts import check_existing, read_manifest
+    from influence.artifacts import read_manifest
+    from influence.outputs import check_existing
 
     args = dataclass_from(ns, IndexArgs)
     start = time.perf_counter()
@@ -282,7 +284,8 @@ def check_score_file(out: Path, inputs: dict, num_queries: int, args: ScoreArgs)
     """The output gate for the score table, with an estimate of its size from the corpus and factors manifests."""
     import pyarrow.parquet as pq
 
-    from influence.artifacts import check_output_file, read_manifest
+    from influence.artifacts import read_manifest
+    from influence.outputs import check_output_file
 
     def is_scores_table(path: Path) -> bool:
         try:
@@ -316,7 +319,7 @@ def query_options(parser):
 
 def query_run(ns):
     from indexes.engine import QueryEngine
-    from influence.artifacts import check_output
+    from influence.outputs import check_output
     from jobs.report import render_terminal, save_results
 
     args = dataclass_from(ns, QueryArgs)
@@ -346,7 +349,7 @@ def demo_options(parser):
 def demo_run(ns):
     import pyarrow.parquet as pq
 
-    from influence.artifacts import check_free_space, check_output_location, check_writable
+    from influence.outputs import check_free_space, check_output_location, check_writable
     from jobs.demo import run_demo
     from jobs.report import terminal_text
 
@@ -395,7 +398,7 @@ def compare_options(parser):
 
 
 def compare_run(ns):
-    from influence.artifacts import check_output
+    from influence.outputs import check_output
     from influence.queries import load_queries
     from jobs.compare import run_compare
 
@@ -426,7 +429,7 @@ def audit_options(parser):
 
 
 def audit_run(ns):
-    from influence.artifacts import check_output
+    from influence.outputs import check_output
     from influence.queries import load_queries
     from jobs.audit import run_audit
 
@@ -451,7 +454,7 @@ def models_options(parser):
 
 
 def models_run(ns):
-    from influence.artifacts import check_output
+    from influence.outputs import check_output
     from jobs.models import cli_materialize
 
     check_output(ns.out, "models", {})  # the checkpoints are hard-linked from the cache, whose disk holds the bytes

@@ -30,8 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from influence.arguments import QueryArgs
-from influence.artifacts import atomic_path, prepare_output, read_manifest, write_json
+from influence.artifacts import atomic_path, read_manifest, write_json
 from influence.errors import InfluenceError
+from influence.outputs import prepare_output
 from influence.queries import Query
 from influence.stage import Executor, Pass, Workspace, run_stage
 from jobs.plots import _figure, plain_label, plot_against_size

@@ -16,8 +16,9 @@ from typing import Sequence
 
 import pyarrow as pa
 
-from influence.artifacts import atomic_path, prepare_output, write_parquet
+from influence.artifacts import atomic_path, write_parquet
 from influence.explain import DocumentInfluence, QueryResult
+from influence.outputs import prepare_output
 
 RESULTS_JSON, RESULTS_PARQUET, REPORT_HTML = "results.json", "results.parquet", "report.html"
 # C0/C1 controls (ANSI and OSC escapes, carriage returns, backspaces), line and paragraph separators, bidi overrides

@@ -202,7 +202,7 @@ def killed_in_merge(i: Inputs) -> None:
 
 def no_free_space_check(monkeypatch) -> None:
     """Bypass the free-space estimate so that the write itself meets the full disk (an estimate that was too low)."""
-    monkeypatch.setattr("influence.artifacts.check_free_space", lambda *args, **kwargs: None)
+    monkeypatch.setattr("influence.outputs.check_free_space", lambda *args, **kwargs: None)
 
 
 def gpu_present() -> str | None:
