@@ -38,8 +38,8 @@ import torch  # noqa: E402
 from benchmarks import query_latency  # noqa: E402
 from indexes.engine import QueryEngine  # noqa: E402
 from indexes.search import fold, search_both_signs  # noqa: E402
-from indexes.store import create_index, load_sketch_store  # noqa: E402
-from indexes.tiers import add_blocks  # noqa: E402
+from indexes.store import load_sketch_store  # noqa: E402
+from indexes.tiers import add_blocks, create_index  # noqa: E402
 from influence import QueryArgs  # noqa: E402
 from influence.queries import tokenize_query  # noqa: E402
 from influence.scores import rotated_query_gradients  # noqa: E402

@@ -22,7 +22,8 @@ import torch
 from indexes.constants import NO_FACTORY, REFINE_SCALE
 from indexes.search import encode_refine
 from indexes.shards import sketch_shard_exists, sketch_shard_path, write_sketch_shard
-from indexes.store import check_factory, index_exists, merge_sketch_shards
+from indexes.store import index_exists, merge_sketch_shards
+from indexes.tiers import check_factory
 from influence.arguments import IndexArgs
 from influence.artifacts import read_json, read_manifest, references, require_same, require_same_plan, write_json, write_manifest
 from influence.constants import ARGS_NAME, FACTORS_NAME, MANIFEST_NAME

@@ -1,7 +1,7 @@
 """The merged sketch store: shards in; a 4-bit sketch store, its doc table and optionally a FAISS index out.
 
 `merge_sketch_shards` streams the shards' memory-mapped sketches block by block into `sketches.npy` (4-bit codes
-with a step per row, `search.encode_sketches`) and, given a factory string, a FAISS index (ids 0..N-1 in shard order), and writes
+with a step per row, `search.encode_sketches`) and, given a factory string, a FAISS index (ids 0..N-1 in shard order; made and trained by `tiers`), and writes
 `docs.parquet`, the shards' rows with an `index_id` column aligned to those ids; shards written with refine rows also give
 `refine.npy`, the refine tier (`search.RefineStore`). The build is deterministic: identical shards and
 seed give byte-identical files, whatever the number of shards they were split into.
@@ -10,11 +10,8 @@ seed give byte-identical files, whatever the number of shards they were split in
 from __future__ import annotations
 
 import logging
-import re
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import faiss
 import numpy as np
@@ -22,10 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from indexes.constants import (DOCS_NAME, FACTORY_EXAMPLES, INDEX_ID, INDEX_META_NAME, INDEX_NAME, NO_FACTORY, REFINE_NAME, REFINE_SCALE,
+from indexes.constants import (DOCS_NAME, INDEX_ID, INDEX_META_NAME, INDEX_NAME, NO_FACTORY, REFINE_NAME, REFINE_SCALE,
                                SCALE, SEQ_ID, STORE_DTYPE, STORE_NAME)
 from indexes.search import RefineStore, SketchStore, encode_sketches, fold
-from indexes.tiers import add_blocks
 from indexes.shards import (
     check_sketches,
     duplicate_values,
@@ -35,6 +31,7 @@ from indexes.shards import (
     require_all_shards,
     sketch_shard_path,
 )
+from indexes.tiers import add_blocks, create_index, deterministic_threads, train_index
 from influence.artifacts import atomic_path, read_json, require_same, write_json, write_parquet
 from influence.errors import InfluenceError
 
@@ -109,11 +106,11 @@ def merge_sketch_shards(
     index_dim = dim if fold_dim is None else min(fold_dim, dim)
     if factory != NO_FACTORY:
         index = create_index(index_dim, factory)
-        with _deterministic_threads(index, factory):
+        with deterministic_threads(index, factory):
             if not index.is_trained:
                 sample = fold(_sample_rows(index_dir, num_shards, sizes, train_size, seed), index_dim)  # (num_train, d1)
                 check_sketches(sample, where=f"the training sample of {index_dir}")
-                num_train = _train_index(index, factory, sample)
+                num_train = train_index(index, factory, sample)
             blocks = [(shard, start) for shard, size in enumerate(sizes) for start in range(0, size, block_size)]
             offsets = np.concatenate([[0], np.cumsum(sizes)])
 
@@ -340,106 +337,6 @@ def _check_shards_agree(index_dir: Path, shapes: list[tuple[int, int]], tables: 
     return dims[0]
 
 
-def check_factory(dim: int, factory: str, num_train: int) -> None:
-    """Refuse, before any sketching, a factory that cannot build a `dim`-dimensional inner-product
-    index, or whose IVF level has more centroids than the `num_train` rows it would be trained on."""
-    _check_trainable(create_index(dim, factory), factory, num_train)
-
-
-def _check_trainable(index: faiss.Index, factory: str, num_train: int) -> None:
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and num_train < ivf.nlist:
-        raise InfluenceError(
-            f"factory {factory!r} needs at least {ivf.nlist} training rows for its {ivf.nlist} IVF centroids, "
-            f"but only {num_train} are available; use a smaller nlist (e.g. IVF{max(1, num_train // 39)}) or \"Flat\""
-        )
-    codebook = _largest_codebook(index)
-    if num_train < codebook:
-        raise InfluenceError(
-            f"factory {factory!r} trains codebooks of {codebook} centroids, which needs at least {codebook} training rows, "
-            f"but only {num_train} are available; use fewer bits (e.g. PQ16x4 trains on 16 rows), an SQ or Flat factory, "
-            "or more documents"
-        )
-
-
-def _largest_codebook(index: faiss.Index) -> int:
-    """The most centroids any product or additive quantizer inside `index` trains (2^nbits), or 0."""
-    largest, current = 0, faiss.downcast_index(index)
-    while current is not None:
-        for quantizer in (getattr(current, "pq", None), getattr(current, "aq", None)):
-            nbits = getattr(quantizer, "nbits", 0) if quantizer is not None else 0
-            bits = [nbits] if isinstance(nbits, int) else faiss.vector_to_array(nbits).tolist()  # RQ/LSQ: one per step
-            largest = max([largest, *(1 << int(b) for b in bits if b)])
-        if isinstance(current, faiss.IndexPreTransform):
-            current = faiss.downcast_index(current.index)
-        else:
-            ivf = faiss.try_extract_index_ivf(current) if not isinstance(current, faiss.IndexIVF) else None
-            current = faiss.downcast_index(ivf) if ivf is not None else None
-    return largest
-
-
-def create_index(dim: int, factory: str) -> faiss.Index:
-    """faiss.index_factory with an inner-product metric, with errors a user can act on."""
-    examples = ", ".join(f'"{example}"' for example in FACTORY_EXAMPLES)
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        reason = _faiss_reason(exc)
-        raise InfluenceError(
-            f"invalid FAISS factory string {factory!r} for {dim}-dimensional sketches ({reason}); "
-            f"use e.g. {examples} (PQm needs m to divide the dimension {dim})"
-        ) from exc
-    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise InfluenceError(f"FAISS factory {factory!r} does not support inner product; use e.g. {examples}")
-    if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        raise InfluenceError(f"FAISS factory {factory!r} asks for an IDMap, but ids are always the row positions 0..N-1; drop the 'IDMap' prefix")
-    _skip_polysemous_training(index)
-    return index
-
-
-def _skip_polysemous_training(index: faiss.Index) -> None:
-    """Turn off the polysemous code ordering the factory enables for PQ: it only serves Hamming
-    pre-filtering (polysemous_ht), which inner-product search never uses, and it costs ~4 s per
-    sub-quantizer of training (the factory's "np" suffix does the same)."""
-    current = faiss.downcast_index(index)
-    while current is not None:
-        if hasattr(current, "do_polysemous_training"):
-            current.do_polysemous_training = False
-        if isinstance(current, faiss.IndexPreTransform):
-            current = faiss.downcast_index(current.index)
-        elif isinstance(current, faiss.IndexIVF):
-            current = None
-        else:
-            ivf = faiss.try_extract_index_ivf(current)
-            current = faiss.downcast_index(ivf) if ivf is not None else None
-
-
-def _train_index(index: faiss.Index, factory: str, sample: np.ndarray) -> int:
-    """Train `index` on `sample` (num_train, d), turning FAISS's failures into actionable errors."""
-    _check_trainable(index, factory, sample.shape[0])
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and sample.shape[0] < 39 * ivf.nlist:
-        LOG.warning("training %d IVF centroids on %d rows: FAISS advises >= %d", ivf.nlist, sample.shape[0], 39 * ivf.nlist)
-    start_time = time.perf_counter()
-    try:
-        index.train(sample)
-    except RuntimeError as exc:
-        raise InfluenceError(
-            f"training FAISS index {factory!r} on {sample.shape[0]} rows failed ({_faiss_reason(exc)}); PQ needs at least "
-            "2^nbits training rows (256 for the default 8 bits, 16 for PQmx4): pass more rows or a larger train_size, "
-            "use fewer bits, or use \"Flat\""
-        ) from exc
-    LOG.info("trained '%s' on %d sampled rows in %.1fs", factory, sample.shape[0], time.perf_counter() - start_time)
-    return sample.shape[0]
-
-
-def _faiss_reason(exc: RuntimeError) -> str:
-    """The human part of a FAISS C++ error: drop the "Error in <signature> at <file>:<line>:" preamble."""
-    message = str(exc).strip().splitlines()[-1]
-    message = re.sub(r"^Error in .*? at \S+:\d+: ", "", message)
-    return re.sub(r"^Error: '.*?' failed: ", "", message)
-
-
 def _sample_rows(index_dir: Path, num_shards: int, sizes: list[int], size: int, seed: int) -> np.ndarray:
     """A seeded sample of at most `size` rows, gathered from the shards' memmaps without reading the rest."""
     total = sum(sizes)
@@ -453,23 +350,3 @@ def _sample_rows(index_dir: Path, num_shards: int, sizes: list[int], size: int, 
             parts.append(np.array(load_shard_sketches(index_dir, shard, num_shards)[local]))  # (rows sampled here, d)
         offset += num_rows
     return np.ascontiguousarray(np.concatenate(parts))
-
-
-@contextmanager
-def _deterministic_threads(index: faiss.Index, factory: str) -> Iterator[None]:
-    """Build on one thread where FAISS's result depends on the thread count, so the bytes do not.
-
-    Multi-threaded HNSW/NSG construction links nodes in a racy order, and pre-transforms (PCA, OPQ,
-    RR, ...) go through BLAS, whose float rounding changes with the thread count. Flat, IVF, PQ and SQ
-    builds were measured byte-identical across 1 and 2 threads and keep every thread.
-    """
-    graph = any(name in factory.upper() for name in ("HNSW", "NSG"))
-    if not graph and not isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):
-        yield
-        return
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)

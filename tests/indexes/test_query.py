@@ -85,7 +85,7 @@ def test_hybrid_generator_reranks_the_union_of_index_and_text_candidates(engine)
 
 
 def test_text_candidates_join_a_pool_alternately_with_infinite_slack():
-    from indexes.engine import CandidatePool
+    from indexes.candidates import CandidatePool
 
     pool = CandidatePool(np.array([1, 2, 3]), np.array([0.9, 0.5, 0.1]), np.array([0.2, 0.2, 0.2]), beyond=0.3)
     joined = pool.with_text_candidates(np.array([3, 9]), np.array([0.1, -0.4]))
@@ -122,7 +122,7 @@ def test_a_query_answers_the_same_alone_and_in_a_batch(engine):
 
 
 def test_exact_scores_keep_each_pair_once_scored():
-    from indexes.engine import ExactScores
+    from indexes.candidates import ExactScores
 
     scored = ExactScores(num_queries=2, num_modules=1, per_token=True)
     nan = np.nan
@@ -182,7 +182,7 @@ def test_adaptive_rerank_with_a_huge_margin_rescores_every_candidate(engine):
 
 
 def test_adaptive_rerank_stops_once_no_candidate_can_enter_the_top_k(engine):
-    from indexes.engine import CandidatePool
+    from indexes.candidates import CandidatePool
 
     ids = engine.seq_ids[:24]
     hopeless = np.r_[np.zeros(8), np.full(16, -1e9)]  # after the first 8, no sketch score + margin can reach the top 3
