@@ -6,7 +6,8 @@ Ray nor FAISS; `indexes/` and `jobs/` build on it.
 """
 
 from influence.arguments import CorpusArgs, FactorArgs, IndexArgs, QueryArgs, ScoreArgs
-from influence.corpus import load_documents, load_sequences, prepare_corpus
+from influence.corpus import load_sequences, prepare_corpus
+from influence.documents import load_documents
 from influence.errors import InfluenceError
 from influence.factors import fit_factors, load_factors
 from influence.models import describe_model, find_tracked_modules, load_model, model_identity

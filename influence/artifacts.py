@@ -11,6 +11,7 @@ What a stage checks before it writes, and the lock it holds while it does, are i
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -139,6 +140,20 @@ def write_json(path: Path, obj: Any) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
     with atomic_path(path, len(text.encode("utf-8"))) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def hash_file(digest, path: Path) -> None:
+    """Feed one file's bytes to a hashlib `digest`, 4 MiB at a time (about a second per GB)."""
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+
+
+def file_fingerprint(path: Path) -> str:
+    """A content hash of one file (blake2b, 128 bits): what a manifest records to notice a file changed after it."""
+    digest = hashlib.blake2b(digest_size=16)
+    hash_file(digest, path)
+    return digest.hexdigest()
 
 
 def read_json(path: Path) -> Any:

@@ -38,7 +38,7 @@ import torch
 
 from influence import constants as C
 from influence.arguments import FactorArgs
-from influence.artifacts import (load_tensors, read_json, read_manifest, read_only_tensor, references, require_same,
+from influence.artifacts import (file_fingerprint, load_tensors, read_json, read_manifest, read_only_tensor, references, require_same,
                                  require_same_plan, save_tensors, write_json, write_manifest)
 from influence.corpus import TokenRows, load_sequences, require_fits_context, require_same_tokenizer, shard_rows, token_rows
 from influence.errors import InfluenceError
@@ -407,7 +407,7 @@ def aggregate_factors(plan: FitPlan) -> None:
     save_tensors(plan.out_dir / C.FACTORS_NAME, tensors)
     counts = basis.get(C.COUNTS)
     write_manifest(plan.out_dir, "factors", **{k: v for k, v in plan.identity.items()},
-                   factors_fingerprint=_file_fingerprint(plan.out_dir / C.FACTORS_NAME),
+                   factors_fingerprint=file_fingerprint(plan.out_dir / C.FACTORS_NAME),
                    **references(plan.out_dir, model_dir=plan.model_dir, corpus_dir=plan.corpus_dir),
                    num_sequences=plan.sequences.num_rows, num_tokens=int(counts[0]) if counts is not None else None)
     if not args.keep_shards:
@@ -417,14 +417,6 @@ def aggregate_factors(plan: FitPlan) -> None:
 def _remove_intermediates(plan: FitPlan) -> None:
     for path in [*plan.out_dir.glob("*_shard_*.safetensors"), plan.out_dir / C.EIGENVECTORS_NAME]:
         path.unlink(missing_ok=True)
-
-
-def _file_fingerprint(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_factors(factors_dir: Path | str, model_fingerprint: Optional[str] = None) -> Factors:

@@ -75,7 +75,7 @@ def load_queries(path: Path | str) -> list[Query]:
     Every value is checked here, with the file and line in the message: prompt and completion must be strings (not
     null); a query id may be a string or a number, not null; lang and group may be left out or null (their defaults).
     """
-    from influence.corpus import parse_json_line
+    from influence.documents import parse_json_line
 
     path = Path(path)
     if path.is_dir():

@@ -15,7 +15,7 @@ Three sources, each giving groups of documents that are translations of one anot
 
 Every document carries `doc_id`, `text`, `source`, `lang`, its alignment `group` (the same for a document and its
 translations), `ref` (where it came from), `translation` and `licence`. The corpus stage keeps only the first four
-columns (`influence.corpus.load_documents`), so the alignment also lives in the doc id itself, `<group>/<lang>`:
+columns (`influence.documents.load_documents`), so the alignment also lives in the doc id itself, `<group>/<lang>`:
 that is what reaches the tokenised sequences and the index, and what `align_document` (and the compare) read back.
 The extra columns stay in the documents file for people.
 

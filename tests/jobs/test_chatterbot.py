@@ -8,7 +8,7 @@ pytest.importorskip("chatterbot_corpus")
 from jobs.demo.chatterbot import (  # noqa: E402
     LANGUAGE_CODES, available_languages, chatterbot_documents, render_conversation, write_chatterbot_corpus,
 )
-from influence.corpus import load_documents  # noqa: E402
+from influence.documents import load_documents  # noqa: E402
 from influence.errors import InfluenceError  # noqa: E402
 
 

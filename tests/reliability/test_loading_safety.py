@@ -19,7 +19,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from influence.corpus import load_documents, load_sequences
+from influence.corpus import load_sequences
+from influence.documents import load_documents
 from influence.errors import InfluenceError
 from influence.factors import load_factors
 from influence.models import load_model, load_tokenizer
