@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from indexes.candidates import CandidatePool, ExactScores, incomplete_signs, refined_count
 from indexes.constants import NO_FACTORY
@@ -43,6 +44,9 @@ from influence.scores import Prepared, prepare_rotated_queries, rotated_query_gr
 from influence.sketches import Sketcher
 
 LOG = logging.getLogger(__name__)
+#: A re-rank shows its bar (`QueryArgs.progress`) once it has run this long: a query of a tiny model answers in
+#: milliseconds and should print nothing, one over a real model's corpus takes minutes (one pass per candidate).
+PROGRESS_DELAY_S = 2.0
 
 
 class QueryEngine:
@@ -312,28 +316,33 @@ class QueryEngine:
         step = max(args.top_k, 8)
         wanted = {(qi, sign): pools[qi][sign].first_round(1.0 if sign == 0 else -1.0, args.top_k, step)
                   for qi in range(len(pools)) for sign in (0, 1)}
-        while wanted:
-            owners: dict[int, set] = {}  # sequence -> the queries whose pools want it scored, and do not have it yet
-            for (qi, _), ids in wanted.items():
-                for seq_id in ids[~scored.has(qi, ids)].tolist():
-                    owners.setdefault(seq_id, set()).add(qi)
-            if owners:
-                # grouped by query: a batch then scores each query's sequences as one run (`score_batch`'s pairs)
-                new = np.asarray(sorted(owners, key=lambda seq_id: min(owners[seq_id])), np.int64)
-                every = all(len(queries) == len(pools) for queries in owners.values())
-                scored.add(new, *self._score(prepared, new, per_token, args.batch_tokens, None if every else list(owners.values())))
-            step *= 2  # few rounds: each costs a partly filled batch per (query, sign)
-            wanted = {}
-            for qi, pair in enumerate(pools):
-                for sign, pool in enumerate(pair):
-                    if pool.slack is None:
-                        continue
-                    direction = 1.0 if sign == 0 else -1.0
-                    exact = np.sort(direction * scored.scores[qi][~np.isnan(scored.scores[qi])])
-                    kth = exact[-args.top_k] if len(exact) >= args.top_k else -np.inf
-                    hopeful = ~scored.has(qi, pool.seq_ids) & (direction * pool.scores + pool.slack >= kth)
-                    if hopeful.any():
-                        wanted[(qi, sign)] = pool.seq_ids[hopeful][:step]
+        # the bar counts sequences scored, out of every candidate of every pool (the adaptive stop may end it short)
+        most = len(np.unique(np.concatenate([pool.seq_ids for pair in pools for pool in pair])))
+        bar = tqdm(total=most, desc="exact re-rank", unit="seq", disable=not args.progress, delay=PROGRESS_DELAY_S, leave=False)
+        with bar:
+            while wanted:
+                owners: dict[int, set] = {}  # sequence -> the queries whose pools want it scored, and do not have it yet
+                for (qi, _), ids in wanted.items():
+                    for seq_id in ids[~scored.has(qi, ids)].tolist():
+                        owners.setdefault(seq_id, set()).add(qi)
+                if owners:
+                    # grouped by query: a batch then scores each query's sequences as one run (`score_batch`'s pairs)
+                    new = np.asarray(sorted(owners, key=lambda seq_id: min(owners[seq_id])), np.int64)
+                    every = all(len(queries) == len(pools) for queries in owners.values())
+                    pairs = None if every else list(owners.values())
+                    scored.add(new, *self._score(prepared, new, per_token, args.batch_tokens, pairs, bar))
+                step *= 2  # few rounds: each costs a partly filled batch per (query, sign)
+                wanted = {}
+                for qi, pair in enumerate(pools):
+                    for sign, pool in enumerate(pair):
+                        if pool.slack is None:
+                            continue
+                        direction = 1.0 if sign == 0 else -1.0
+                        exact = np.sort(direction * scored.scores[qi][~np.isnan(scored.scores[qi])])
+                        kth = exact[-args.top_k] if len(exact) >= args.top_k else -np.inf
+                        hopeful = ~scored.has(qi, pool.seq_ids) & (direction * pool.scores + pool.slack >= kth)
+                        if hopeful.any():
+                            wanted[(qi, sign)] = pool.seq_ids[hopeful][:step]
         return scored
 
     def _bm25_candidates(self, queries: list[Query], depth: int) -> list[np.ndarray]:
@@ -350,9 +359,9 @@ class QueryEngine:
         return [self.sequences["seq_id"].to_numpy()[row] for row in ids]
 
     def _score(self, prepared: dict[str, Prepared], seq_ids: np.ndarray, per_token: bool, batch_tokens: int,
-               pairs: Optional[list] = None):
+               pairs: Optional[list] = None, bar: Optional[tqdm] = None):
         """Exact scores of the given sequences: (queries, n), (modules, queries, n), and per token a list of (queries, tokens);
-        with `pairs` (per sequence, the queries to score it against), NaN for the other pairs."""
+        with `pairs` (per sequence, the queries to score it against), NaN for the other pairs. `bar` counts the sequences."""
         sequences = [self.input_ids[int(s)].as_py() for s in seq_ids]
         num_queries = next(iter(prepared.values()))
         num_queries = (num_queries[0] if isinstance(num_queries, tuple) else num_queries).shape[0]
@@ -366,6 +375,8 @@ class QueryEngine:
             if per_token:
                 for j, i in enumerate(positions):
                     tokens[i] = result.per_token[:, j, : len(sequences[i])].double().cpu().numpy()
+            if bar is not None:
+                bar.update(len(positions))
         return scores, per_module, (tokens if per_token else None)
 
     def _document(self, query, sign, rank, seq_id, score, module_scores, token_scores, sketch_score) -> DocumentInfluence:

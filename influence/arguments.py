@@ -261,7 +261,7 @@ class QueryArgs(StageArgs):
     dtype: str = _help("dtype of the model while querying", "float32")
     batch_tokens: int = _help(BATCH_TOKENS_HELP, 2048)
     device: str = _help("torch device: cpu, cuda, cuda:N", "cpu")
-    progress: bool = _help("show progress bars", False)
+    progress: bool = _help("show a progress bar for the exact re-rank (one that runs past 2 s)", False)
 
     def __post_init__(self) -> None:
         if self.generator not in GENERATORS:

@@ -16,7 +16,7 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from influence.arguments import CorpusArgs, FactorArgs, IndexArgs, QueryArgs, ScoreArgs, check_positive_int
 from influence.errors import InfluenceError
@@ -47,19 +47,20 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see `{self.prog} --help`")
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> None:
-    """One `--field-name` option per dataclass field, with its default and help string."""
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = (), defaults: Mapping[str, Any] = {}) -> None:
+    """One `--field-name` option per dataclass field, with its help string and its default (or the command's own, from
+    `defaults`)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        flag, kind, default = "--" + f.name.replace("_", "-"), hints[f.name], defaults.get(f.name, f.default)
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        parser.add_argument(flag, dest=f.name, type=base, default=f.default, help=help_text)
+        parser.add_argument(flag, dest=f.name, type=base, default=default, help=help_text)
 
 
 def dataclass_from(namespace: argparse.Namespace, cls):
@@ -314,7 +315,9 @@ def query_options(parser):
     parser.add_argument("--out", type=path_argument, default=Path("query_results"), help="where results.json/.parquet and report.html go")
     add_query_options(parser)
     parser.add_argument("--lang", default="und", help="language tag of a --prompt/--completion query")
-    add_dataclass_options(parser, QueryArgs)
+    # the re-rank of a real model's candidates takes minutes: its bar is on here (off in the Python API, where a query
+    # of a small model answers in milliseconds, many times over)
+    add_dataclass_options(parser, QueryArgs, defaults={"progress": True})
 
 
 def query_run(ns):

@@ -290,3 +290,32 @@ def test_per_token_scores_equal_a_full_scans_alone_and_in_a_batch(engine, llama_
         for d in result.documents:
             want = exact.per_token[column[d.seq_id]][qi]
             np.testing.assert_allclose(d.token_scores, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_rerank_bar_counts_the_sequences_scored(engine, monkeypatch, capsys, progress):
+    from tqdm.auto import tqdm
+
+    bars = []
+
+    class Recorded(tqdm):  # the real bar, kept for its final count (closing it sets `disable`: keep what was asked)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.asked_off = kwargs["disable"]
+            bars.append(self)
+
+    monkeypatch.setattr("indexes.engine.tqdm", Recorded)
+    monkeypatch.setattr("indexes.engine.PROGRESS_DELAY_S", 0.0)  # the bar waits 2 s before it shows; this re-rank takes less
+    [result] = engine.query(QUERIES[:1], QueryArgs(top_k=3, candidates=8, adaptive=False, per_token=False, progress=progress))
+    [bar] = bars
+    assert bar.asked_off is not progress and ("exact re-rank" in capsys.readouterr().err) is progress
+    if progress:  # adaptive off: every candidate of both pools scored once, out of at most that many (a disabled bar counts nothing)
+        assert bar.n == bar.total == result.num_candidates > 0
+
+
+def test_the_query_command_shows_the_bar_by_default_and_the_api_does_not():
+    from jobs.cli import build_parser
+
+    parse = lambda *extra: build_parser().parse_args(["query", "--index", "i", "--prompt", "p", "--completion", "c", *extra])  # noqa: E731
+    assert parse().progress is True and parse("--no-progress").progress is False
+    assert QueryArgs().progress is False
