@@ -316,8 +316,9 @@ class QueryEngine:
         step = max(args.top_k, 8)
         wanted = {(qi, sign): pools[qi][sign].first_round(1.0 if sign == 0 else -1.0, args.top_k, step)
                   for qi in range(len(pools)) for sign in (0, 1)}
-        # the bar counts sequences scored, out of every candidate of every pool (the adaptive stop may end it short)
-        most = len(np.unique(np.concatenate([pool.seq_ids for pair in pools for pool in pair])))
+        # the bar counts sequences scored (a forward and backward pass each), out of at most each query's candidates once
+        # (a sequence another query wants later is scored again; the adaptive stop may end the bar short)
+        most = sum(len(np.union1d(positive.seq_ids, negative.seq_ids)) for positive, negative in pools)
         bar = tqdm(total=most, desc="exact re-rank", unit="seq", disable=not args.progress, delay=PROGRESS_DELAY_S, leave=False)
         with bar:
             while wanted:

@@ -311,6 +311,8 @@ def test_the_rerank_bar_counts_the_sequences_scored(engine, monkeypatch, capsys,
     assert bar.asked_off is not progress and ("exact re-rank" in capsys.readouterr().err) is progress
     if progress:  # adaptive off: every candidate of both pools scored once, out of at most that many (a disabled bar counts nothing)
         assert bar.n == bar.total == result.num_candidates > 0
+        engine.query(QUERIES, QueryArgs(top_k=3, candidates=8, per_token=False, progress=True))  # two queries, adaptive
+        assert 0 < bars[-1].n <= bars[-1].total
 
 
 def test_the_query_command_shows_the_bar_by_default_and_the_api_does_not():
