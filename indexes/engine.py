@@ -13,6 +13,7 @@ not a noise, so the re-rank scores exactly little more than the top k. A sequenc
 candidates it is, so a query answers the same alone or with others.
 Per-token scores come with the re-rank (a GEMM per query, sequence and module: far less than a second forward and
 backward pass over the returned documents); a full scan's answers are scored again, per token.
+The pools and the table of exact scores they fill are in `candidates.py`.
 """
 
 from __future__ import annotations

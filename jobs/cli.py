@@ -47,10 +47,10 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see `{self.prog} --help`")
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = (), defaults: Mapping[str, Any] = {}) -> None:
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = (), defaults: Optional[Mapping[str, Any]] = None) -> None:
     """One `--field-name` option per dataclass field, with its help string and its default (or the command's own, from
     `defaults`)."""
-    hints = typing.get_type_hints(cls)
+    hints, defaults = typing.get_type_hints(cls), defaults or {}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
