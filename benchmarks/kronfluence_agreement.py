@@ -16,11 +16,19 @@ its model outside its timers.
 
     python benchmarks/kronfluence_agreement.py            # about 8 min on a quiet 2-core machine (estimated)
     python benchmarks/kronfluence_agreement.py --quick    # a small corpus and model, about a minute; writes to a temp path
+
+With `--model DIR` (a pretrained model's save_pretrained directory or GGUF file, e.g. from `influence models`) nothing
+is trained: both sides fit EK-FAC (by default) on the first `--docs` documents of the real-models benchmark's corpus
+(`real_models.documents`: the shutdown passages, chatterbot-corpus and Bible verses, cut to 64 tokens) and score the
+same queries; the JSON goes to `results/kronfluence_agreement_<model>.json`.
+
+    python benchmarks/kronfluence_agreement.py --model models/smollm2-135m-instruct --docs 64
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -56,6 +64,20 @@ MODES = {
     "quick": dict(every=16, max_length=64, batch_size=16,
                   model=common.TinyLlama(vocab_size=384, hidden=32, layers=2, heads=2, intermediate=64, context=256, train_steps=40)),
 }
+
+
+def real_corpus(model_dir: Path, work_dir: Path, docs: int, max_length: int) -> Path:
+    """The first `docs` documents of the real-models benchmark's corpus, tokenised by the model (cached by content)."""
+    from benchmarks.real_models import documents
+    from influence import CorpusArgs, prepare_corpus
+    from influence.artifacts import write_parquet
+
+    corpus_dir = work_dir / f"corpus-{model_dir.name}-{docs}-{max_length}"
+    documents_path = work_dir / f"documents-{docs}.parquet"
+    if not documents_path.exists():
+        write_parquet(documents_path, documents(docs))
+    prepare_corpus(documents_path, model_dir, corpus_dir, CorpusArgs(max_length=max_length), progress=False)
+    return corpus_dir
 
 
 def agreement(engine: np.ndarray, peer: np.ndarray, k: int = 10) -> dict:
@@ -114,25 +136,40 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/kronfluence_agreement.json; --quick: a temp file)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--strategies", nargs="*", help="subset of ekfac kfac diagonal identity (default: all)")
+    parser.add_argument("--strategies", nargs="*", help="subset of ekfac kfac diagonal identity (default: all; ekfac with --model)")
+    parser.add_argument("--model", help="a pretrained model (save_pretrained directory or .gguf) instead of the tiny trained one")
+    parser.add_argument("--docs", type=int, default=64, help="with --model: documents of the real-models corpus both sides fit on")
+    parser.add_argument("--batch-size", type=int, default=8, help="with --model: sequences per Kronfluence batch (x 64 tokens for the engine)")
     args = parser.parse_args(argv)
     if kronfluence_available():
         parser.error(kronfluence_available())
+    if args.model is not None and args.quick:
+        parser.error("--quick trains its own tiny model; leave out --model (or --quick)")
+    if args.docs < 1 or args.batch_size < 1:
+        parser.error("--docs and --batch-size must be positive")
     torch.set_num_threads(args.threads)
-    mode_name = "quick" if args.quick else "default"
-    mode = MODES[mode_name]
+    mode_name = "quick" if args.quick else "default" if args.model is None else "pretrained"
+    mode = MODES.get(mode_name, dict(every=None, max_length=64, batch_size=args.batch_size, model=None))
+    strategies = args.strategies or (["ekfac"] if args.model is not None else None)
     facts = common.machine_facts()
     with common.Timer() as total:
-        documents = chatterbot_documents(("english",))
-        documents = documents.take(np.arange(0, documents.num_rows, mode["every"]))
-        model_dir, corpus_dir = common.prepare_trained_model(args.work_dir, documents, mode["model"], mode["max_length"])
+        if args.model is None:
+            documents = chatterbot_documents(("english",))
+            documents = documents.take(np.arange(0, documents.num_rows, mode["every"]))
+            model_dir, corpus_dir = common.prepare_trained_model(args.work_dir, documents, mode["model"], mode["max_length"])
+        else:
+            from influence.sources import resolve_model
+
+            model_dir = resolve_model(args.model)
+            args.work_dir.mkdir(parents=True, exist_ok=True)
+            corpus_dir = real_corpus(model_dir, args.work_dir, args.docs, mode["max_length"])
         executor = LocalExecutor()
         scratch = Path(tempfile.mkdtemp(prefix="agreement-", dir=args.work_dir))
         try:  # an untimed identity fit loads the model into the executor's workspace, outside every timer
             fit_factors(model_dir, corpus_dir, scratch / "warm-up", FactorArgs(strategy="identity", progress=False), executor)
             results = []
             for strategy, fisher in SETTINGS:
-                if args.strategies and strategy not in args.strategies:
+                if strategies and strategy not in strategies:
                     continue
                 results.append(run_setting(strategy, fisher, model_dir, corpus_dir, scratch, executor, mode["batch_size"],
                                            mode["max_length"], args.seed))
@@ -142,13 +179,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     sequences, corpus = load_sequences(corpus_dir)
+    described = describe_model(model_dir)
+    source = ({"source": "chatterbot-corpus english", "every_kth_document": mode["every"]} if args.model is None else
+              {"source": "real_models.documents: shutdown passages, chatterbot-corpus english, World English Bible verses",
+               "first_documents": args.docs})
+    model = ({**vars(mode["model"]), "parameters": described.parameters} if args.model is None else
+             {"name": model_dir.name, "model_type": json.loads((model_dir / "config.json").read_text())["model_type"],
+              "parameters": described.parameters, "modules": len(described.module_names)})
     report = {
         "benchmark": "kronfluence_agreement", "mode": mode_name,
-        "settings": {"corpus": {"source": "chatterbot-corpus english", "every_kth_document": mode["every"],
-                                "num_documents": corpus["num_documents"], "num_sequences": sequences.num_rows,
+        "settings": {"corpus": {**source, "num_documents": corpus["num_documents"], "num_sequences": sequences.num_rows,
                                 "num_tokens": corpus["num_tokens"], "max_length": mode["max_length"]},
-                     "model": {**vars(mode["model"]), "parameters": describe_model(model_dir).parameters},
-                     "modules": describe_model(model_dir).module_names, "queries": [q.query_id for q in QUERIES],
+                     "model": model,
+                     "modules": described.module_names, "queries": [q.query_id for q in QUERIES],
                      "dtype": "float32", "damping": "0.1 x mean(Lambda) per module, both sides",
                      "batch": f"Kronfluence {mode['batch_size']} sequences; engine {mode['batch_size'] * mode['max_length']} padded tokens",
                      "threads": args.threads, "seed": args.seed},
@@ -157,7 +200,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                   "true_fisher": "each side draws its own sampled labels: agreement is limited by sampling noise"},
         "results": results, "total_seconds": total.seconds, "machine": common.finish_machine(facts),
     }
-    out = common.write_results(args.out or common.default_out("kronfluence_agreement", args.quick), report,
+    name = "kronfluence_agreement" if args.model is None else f"kronfluence_agreement_{model_dir.name}"
+    out = common.write_results(args.out or common.default_out(name, args.quick), report,
                                common.command_line("kronfluence_agreement.py", argv))
     print(f"\n{markdown_table(results)}\n\nwrote {out} in {total.seconds:.0f}s")
     return report
