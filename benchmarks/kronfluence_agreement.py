@@ -9,7 +9,8 @@ queries, the same tracked modules (the MLP projections, the engine's default), f
 For each strategy (ekfac, kfac, diagonal, identity) and Fisher ("empirical": real labels, deterministic, so the two
 should agree to float32 round-off; "true": labels sampled from the model, each side its own draws, so agreement is
 limited by sampling noise) it reports Pearson and Spearman of the (queries x sequences) score matrices, their
-per-query means, the top-10 overlap, the least-squares scale engine ~ scale x Kronfluence, and the fit and score
+per-query means, the top-10 overlap, the least-squares scale engine ~ scale x Kronfluence (with the true Fisher also the
+engine against itself fitted with other sampled labels: the noise floor of that agreement), and the fit and score
 seconds of both sides with their ratios (engine / Kronfluence, < 1: the engine is faster), wall and CPU. The engine
 runs on one LocalExecutor whose model is loaded before the timers (an untimed identity fit), Kronfluence loads
 its model outside its timers.
@@ -116,16 +117,27 @@ def run_setting(strategy: str, fisher: str, model_dir: Path, corpus_dir: Path, s
              "kronfluence_score_cpu_s": peer["score_cpu_seconds"]}
     ratios = {f"{stage}{clock}_ratio": times[f"engine_{stage}{clock}_s"] / times[f"kronfluence_{stage}{clock}_s"]
               for stage in ("fit", "score") for clock in ("", "_cpu")}
-    return {"strategy": strategy, "fisher": fisher, **agreement(engine.scores, peer["scores"]), **times, **ratios,
-            "kronfluence_version": peer["version"]}
+    result = {"strategy": strategy, "fisher": fisher, **agreement(engine.scores, peer["scores"]), **times, **ratios,
+              "kronfluence_version": peer["version"]}
+    if fisher == "true":  # the floor of any agreement: the engine against itself with other sampled labels (untimed)
+        reseeded = scratch / f"engine-{strategy}-true-seed{seed + 1}"
+        fit_factors(model_dir, corpus_dir, reseeded, FactorArgs(strategy=strategy, fisher="true", seed=seed + 1,
+                                                                batch_tokens=batch_tokens, progress=False), executor)
+        again = compute_scores(model_dir, reseeded, corpus_dir, QUERIES,
+                               ScoreArgs(per_module=False, batch_tokens=batch_tokens, progress=False), executor=executor)
+        result["engine_seed_to_seed"] = agreement(engine.scores, again.scores)
+    return result
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| strategy | fisher | Pearson | Spearman | top-10 overlap | fit time ratio | score time ratio | fit ratio (CPU) | score ratio (CPU) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| strategy | fisher | Pearson | Spearman | top-10 overlap | fit time ratio | score time ratio | fit ratio (CPU) | score ratio (CPU) "
+             "| engine vs engine, other labels: Pearson / Spearman / top-10 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        floor = r.get("engine_seed_to_seed")
+        floor = f"{floor['pearson']:.4f} / {floor['spearman']:.4f} / {floor['top10_overlap_mean']:.2f}" if floor else "(deterministic)"
         lines.append(f"| {r['strategy']} | {r['fisher']} | {r['pearson']:.4f} | {r['spearman']:.4f} | {r['top10_overlap_mean']:.2f} | "
-                     f"{r['fit_ratio']:.2f} | {r['score_ratio']:.2f} | {r['fit_cpu_ratio']:.2f} | {r['score_cpu_ratio']:.2f} |")
+                     f"{r['fit_ratio']:.2f} | {r['score_ratio']:.2f} | {r['fit_cpu_ratio']:.2f} | {r['score_cpu_ratio']:.2f} | {floor} |")
     return "\n".join(lines)
 
 
@@ -197,7 +209,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                      "threads": args.threads, "seed": args.seed},
         "notes": {"kfac_scale": "the engine's K-FAC Lambda is l_S l_A^T times the mean tokens per sequence (the per-sequence scale of "
                                 "EK-FAC); Kronfluence's is l_S l_A^T, so 'scale' is about 1 / mean tokens; rankings are unaffected",
-                  "true_fisher": "each side draws its own sampled labels: agreement is limited by sampling noise"},
+                  "true_fisher": "each side draws its own sampled labels: agreement is limited by sampling noise, measured by "
+                                 "engine_seed_to_seed (the engine fitted again with seed + 1, against itself)"},
         "results": results, "total_seconds": total.seconds, "machine": common.finish_machine(facts),
     }
     name = "kronfluence_agreement" if args.model is None else f"kronfluence_agreement_{model_dir.name}"
