@@ -342,7 +342,7 @@ def demo_options(parser):
     parser.add_argument("--work-dir", type=path_argument, default=Path("demo_runs"), help="where models, factors, indexes and reports go (cached)")
     parser.add_argument("--preset", default="full", help="'full' (the README demo: three tiny Llamas trained here), 'tiny' (seconds, "
                         "for tests and notebooks), 'real' (SmolLM2-135M-Instruct and Gemma-3-270M over aligned en/ko/tr documents, "
-                        "about 30 min on 2 cores), 'real-tiny' (the real preset's pipeline on tiny stand-ins)")
+                        "about 10 min on 2 cores once `influence models` has materialized them), 'real-tiny' (the real preset's pipeline on tiny stand-ins)")
     parser.add_argument("--groups-per-source", type=int, default=None,
                         help="real presets: aligned groups per source (Bible, chatterbot, shutdown), 9 documents each")
     add_run_options(parser)
