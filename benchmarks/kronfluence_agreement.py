@@ -75,8 +75,7 @@ def real_corpus(model_dir: Path, work_dir: Path, docs: int, max_length: int) -> 
 
     corpus_dir = work_dir / f"corpus-{model_dir.name}-{docs}-{max_length}"
     documents_path = work_dir / f"documents-{docs}.parquet"
-    if not documents_path.exists():
-        write_parquet(documents_path, documents(docs))
+    write_parquet(documents_path, documents(docs))  # always: a cached corpus is then checked against today's documents
     prepare_corpus(documents_path, model_dir, corpus_dir, CorpusArgs(max_length=max_length), progress=False)
     return corpus_dir
 
