@@ -48,7 +48,8 @@ import torch  # noqa: E402
 from benchmarks import real_models  # noqa: E402
 from indexes.build import build_index  # noqa: E402
 from indexes.engine import QueryEngine  # noqa: E402
-from indexes.search import SketchStore, encode_sketches, fold  # noqa: E402
+from indexes.codes import SketchStore, encode_sketches  # noqa: E402
+from indexes.search import fold  # noqa: E402
 from indexes.shards import load_shard_rows, load_shard_sketches  # noqa: E402
 from influence import IndexArgs, QueryArgs  # noqa: E402
 from influence.artifacts import read_json  # noqa: E402

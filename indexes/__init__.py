@@ -7,8 +7,9 @@ sketch shards atomically, one merge builds an inner-product index and an aligned
 `influence/` never imports it.
 """
 
+from indexes.codes import RefineStore, SketchStore
 from indexes.constants import SKETCH_SHARD_NAME
-from indexes.search import exact_topk, search_index
+from indexes.search import exact_topk, search_both_signs, search_index
 from indexes.shards import (
     finished_shards,
     iterate_shard_sketches,
@@ -16,7 +17,6 @@ from indexes.shards import (
     sketch_shard_path,
     write_sketch_shard,
 )
-from indexes.search import RefineStore, SketchStore, search_both_signs
 from indexes.store import index_exists, load_doc_table, load_index, load_refine_store, load_sketch_store, merge_sketch_shards
 
 __all__ = [

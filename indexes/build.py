@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from indexes.constants import NO_FACTORY, REFINE_SCALE
-from indexes.search import encode_refine
+from indexes.codes import encode_refine
 from indexes.shards import sketch_shard_exists, sketch_shard_path, write_sketch_shard
 from indexes.store import index_exists, merge_sketch_shards
 from indexes.tiers import check_factory

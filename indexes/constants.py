@@ -19,7 +19,7 @@ SKETCH_SHARD_NAME = "sketch_shard_{shard:05d}_of_{num_shards:05d}"
 SKETCHES_NAME = "sketches.npy"
 ROWS_NAME = "rows.parquet"
 
-STORE_NAME = "sketches.npy"    # uint8 (N, ceil(d/2)): 4-bit codes, two entries per byte (search.SketchStore)
+STORE_NAME = "sketches.npy"    # uint8 (N, ceil(d/2)): 4-bit codes, two entries per byte (codes.SketchStore)
 STORE_DTYPE = "int4"          # recorded in index.json; a store of another format is refused
 INDEX_NAME = "index.faiss"
 DOCS_NAME = "docs.parquet"
@@ -28,7 +28,7 @@ INDEX_META_NAME = "index.json"
 SEQ_ID = "seq_id"      # the corpus stage's sequence id; unique across the whole index
 INDEX_ID = "index_id"  # the FAISS id of a row: its position in shard order
 SCALE = "sketch_scale"  # the step of a stored row: its codes minus 7, times it, are the sketch
-REFINE_NAME = "refine.npy"      # float16 (N, D): each row W(z) / refine_scale (search.RefineStore); in shards too
+REFINE_NAME = "refine.npy"      # float16 (N, D): each row W(z) / refine_scale (codes.RefineStore); in shards too
 REFINE_SCALE = "refine_scale"   # a refine row's scale: max |W(z)|, a column of the shards' rows and the doc table
 
 NO_FACTORY = "none"    # no FAISS index: the 4-bit store is scanned in full

@@ -58,7 +58,7 @@ def write_sketch_shard(index_dir: Path, shard: int, num_shards: int, sketches: n
         sketches: float32 (n, d), finite.
         rows: n rows in the same order as `sketches`, with an int64 `seq_id` column and any metadata
             columns (doc_id, source, lang, num_tokens, grad_norm, self_influence, ...).
-        refine: Optional float16 (n, D) refine rows (`search.encode_refine`); `rows` then carries their scales in a
+        refine: Optional float16 (n, D) refine rows (`codes.encode_refine`); `rows` then carries their scales in a
             float32 `refine_scale` column.
 
     Returns:
@@ -214,7 +214,7 @@ def check_refine(refine: np.ndarray, rows: pa.Table, where: str) -> None:
     if not isinstance(refine, np.ndarray) or refine.ndim != 2 or refine.dtype != np.float16:
         shape = getattr(refine, "shape", type(refine).__name__)
         raise InfluenceError(f"{where}: refine rows must be a float16 (n, D) array, got {getattr(refine, 'dtype', '')} {shape}; "
-                             "encode them with indexes.search.encode_refine")
+                             "encode them with indexes.codes.encode_refine")
     if refine.shape[0] != rows.num_rows or REFINE_SCALE not in rows.column_names:
         raise InfluenceError(f"{where}: {refine.shape[0]} refine rows for {rows.num_rows} rows (with a '{REFINE_SCALE}' column: "
                              f"{REFINE_SCALE in rows.column_names}); pass one refine row per row and their scales")

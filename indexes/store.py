@@ -1,9 +1,9 @@
 """The merged sketch store: shards in; a 4-bit sketch store, its doc table and optionally a FAISS index out.
 
 `merge_sketch_shards` streams the shards' memory-mapped sketches block by block into `sketches.npy` (4-bit codes
-with a step per row, `search.encode_sketches`) and, given a factory string, a FAISS index (ids 0..N-1 in shard order; made and trained by `tiers`), and writes
+with a step per row, `codes.encode_sketches`) and, given a factory string, a FAISS index (ids 0..N-1 in shard order; made and trained by `tiers`), and writes
 `docs.parquet`, the shards' rows with an `index_id` column aligned to those ids; shards written with refine rows also give
-`refine.npy`, the refine tier (`search.RefineStore`). The build is deterministic: identical shards and
+`refine.npy`, the refine tier (`codes.RefineStore`). The build is deterministic: identical shards and
 seed give byte-identical files, whatever the number of shards they were split into.
 """
 
@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from indexes.constants import (DOCS_NAME, INDEX_ID, INDEX_META_NAME, INDEX_NAME, NO_FACTORY, REFINE_NAME, REFINE_SCALE,
                                SCALE, SEQ_ID, STORE_DTYPE, STORE_NAME)
-from indexes.search import RefineStore, SketchStore, encode_sketches, fold
+from indexes.codes import RefineStore, SketchStore, encode_sketches
+from indexes.search import fold
 from indexes.shards import (
     check_sketches,
     duplicate_values,

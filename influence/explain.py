@@ -86,7 +86,8 @@ class QueryResult:
     exact: bool = True                 # False: scores are sketch estimates, without breakdowns
     refined: int = 0                   # candidates ordered by the index's refine tier (its rows read), both signs
     # signs ("+", "-") whose top k a document the sketch ranked beyond the candidates could plausibly enter: the sketch's
-    # noise reaches from the last candidate to the k-th exact score (raise `candidates`, or score exactly)
+    # noise reaches from the last candidate to the k-th exact score (raise `candidates`, or score exactly). "Plausibly"
+    # is the adaptive stop's rule (stop_margin standard deviations): an unflagged sign is not a guarantee
     incomplete: tuple[str, ...] = ()
 
     @property

@@ -2,7 +2,7 @@
 
 Per tracked module (Grosse et al. 2023, sec. 2.2):
   pass 1  A = E_tokens[a a^T], S = E_tokens[s s^T]   ->  A = Q_A diag(l_A) Q_A^T, S = Q_S diag(l_S) Q_S^T
-          (the eigendecompositions are a pass of their own, one task per matrix)
+          (the eigendecompositions are a pass of their own, one task per matrix: `influence.eigenbasis`)
   pass 2  Lambda_ij = E_seq[(Q_S^T G Q_A)_ij^2]        (EK-FAC eigenvalue correction)
 Labels are sampled from the model (true Fisher) unless `fisher="empirical"`, each pass its own draw (`eigenvalue_label_seed`).
 
@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -41,6 +40,7 @@ from influence.arguments import FactorArgs
 from influence.artifacts import (file_fingerprint, load_tensors, read_json, read_manifest, read_only_tensor, references, require_same,
                                  require_same_plan, save_tensors, write_json, write_manifest)
 from influence.corpus import TokenRows, load_sequences, require_fits_context, require_same_tokenizer, shard_rows, token_rows
+from influence.eigenbasis import eigendecomposition_pass, load_basis, packed_symmetric
 from influence.errors import InfluenceError
 from influence.gradients import capture_module_io, make_token_batch, plan_batches, rotated_gradient_blocks
 from influence.models import ModelInfo, ModelSpec, describe_model, load_model_context, model_identity, require_model_dir
@@ -48,6 +48,10 @@ from influence.outputs import check_existing, prepare_output
 from influence.stage import Executor, Pass, Workspace, run_stage
 
 LOG = logging.getLogger(__name__)
+
+# How the fit's passes draw sampled labels, saved with its plan: before version 2 the eigenvalue pass reused the
+# covariance pass's draw, so a fit started then and resumed now would mix two kinds of eigenvalue shards.
+LABEL_DRAWS = 2
 
 
 @dataclass
@@ -164,16 +168,28 @@ def plan_fit(model_dir: Path | str, corpus_dir: Path | str, out_dir: Path | str,
     saved = read_json(out_dir / C.ARGS_NAME) if (out_dir / C.ARGS_NAME).is_file() else None
     plan_identity = {"model_fingerprint": identity.fingerprint, "corpus_fingerprint": corpus_manifest["corpus_fingerprint"],
                      "tokenizer_fingerprint": corpus_manifest["tokenizer_fingerprint"], "modules": info.module_names,
-                     "args": args.artifact_dict()}
+                     "args": args.artifact_dict(), "label_draws": LABEL_DRAWS}
     if saved is not None and _has_finished_work(out_dir):
         require_same_plan(saved, out_dir / C.ARGS_NAME, plan_identity, ("model_fingerprint", "corpus_fingerprint", "modules"),
                           out_dir, "model, corpus or module pattern", args)
+        _require_same_label_draws(saved, out_dir, args)
         if num_shards is not None and num_shards != saved.get("num_shards"):
             LOG.warning("resuming %s with its saved %s shards (not %d)", out_dir, saved.get("num_shards"), num_shards)
         num_shards = int(saved["num_shards"])
     num_shards = min(num_shards or 1, sequences.num_rows)
     spec = ModelSpec(str(model_dir), args.dtype, args.device, args.module_pattern, identity.quick)
     return FitPlan(model_dir, corpus_dir, out_dir, args, info, spec, sequences, {**plan_identity, "num_shards": num_shards}, num_shards)
+
+
+def _require_same_label_draws(saved: dict, out_dir: Path, args: FactorArgs) -> None:
+    """Refuse to resume or return a true-Fisher EK-FAC fit whose eigenvalue pass drew labels the old way (version 1).
+    (Other strategies sample labels in one pass at most: their old shards are as valid as new ones.)"""
+    if args.fisher != "true" or args.strategy != "ekfac" or saved.get("label_draws", 1) == LABEL_DRAWS:
+        return
+    if any(out_dir.glob(C.EIGENVALUE_SHARD_NAME.split("{")[0] + "*")) or (out_dir / C.MANIFEST_NAME).exists():
+        raise InfluenceError(
+            f"{out_dir} holds eigenvalues from an older version whose eigenvalue pass reused the covariance pass's "
+            f"sampled labels (an in-sample Lambda that inflates scores); delete {out_dir} and run the fit again")
 
 
 def _has_finished_work(out_dir: Path) -> bool:
@@ -215,9 +231,11 @@ def fit_passes(plan: FitPlan) -> Iterator[Pass]:
         pending = plan.pending(C.COVARIANCE_SHARD_NAME)
         yield Pass("covariance", pending, covariance_work, save=partial(_save_shard, plan, C.COVARIANCE_SHARD_NAME),
                    payload=plan.rows, shared=work, shared_key=key, sizes=plan.sizes(pending))
-        yield eigendecomposition_pass(plan)
+        storage = "float64" if _storage_dtype(args) == torch.float64 else "float32"
+        yield eigendecomposition_pass(_sum_shards(plan, C.COVARIANCE_SHARD_NAME), plan.info.module_names, plan.spec.device,
+                                      storage, plan.out_dir / C.EIGENVECTORS_NAME)
     if needs_corrected_eigenvalues(args.strategy):
-        basis = _basis(plan) if needs_basis(args.strategy) else None
+        basis = load_basis(plan.out_dir / C.EIGENVECTORS_NAME, plan.info.module_names) if needs_basis(args.strategy) else None
         basis_key = (str(plan.out_dir), (plan.out_dir / C.EIGENVECTORS_NAME).stat().st_mtime_ns) if basis else None
         pending = plan.pending(C.EIGENVALUE_SHARD_NAME)
         seed = eigenvalue_label_seed(args.seed)
@@ -299,93 +317,8 @@ def eigenvalue_work(workspace: Workspace, work: FitWork, rows: TokenRows) -> dic
     return {**{k: v.numpy() for k, v in sums.items()}, "count": count.numpy()}
 
 
-def packed_symmetric(matrix: torch.Tensor) -> torch.Tensor:
-    """The upper triangle of a symmetric (d, d) matrix, row by row: d(d+1)/2 numbers. Covariance sums travel from the
-    workers, wait in the driver and sit in the shards like this: half the memory and disk of the full matrices."""
-    rows, cols = _upper_indices(matrix.shape[0], str(matrix.device))
-    return matrix[rows, cols]
-
-
-def unpacked_symmetric(packed: torch.Tensor) -> torch.Tensor:
-    """The (d, d) symmetric matrix of `packed_symmetric`'s output."""
-    d = (math.isqrt(8 * packed.numel() + 1) - 1) // 2
-    if packed.dim() != 1 or d * (d + 1) // 2 != packed.numel():
-        raise InfluenceError(f"a covariance sum of shape {tuple(packed.shape)} is not the upper triangle of a square matrix: "
-                             "its shard comes from another version of the engine; delete the factors directory and re-run the fit")
-    rows, cols = _upper_indices(d, str(packed.device))
-    matrix = torch.empty(d, d, dtype=packed.dtype, device=packed.device)
-    matrix[rows, cols] = packed
-    matrix[cols, rows] = packed
-    return matrix
-
-
-@lru_cache(maxsize=16)
-def _upper_indices(d: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = torch.triu_indices(d, d, device=device)
-    return rows, cols
-
-
 def _storage_dtype(args: FactorArgs) -> torch.dtype:
     return torch.float64 if args.dtype == "float64" else torch.float32
-
-
-def eigendecomposition_pass(plan: FitPlan) -> Pass:
-    """A = Q_A diag(l_A) Q_A^T and S = Q_S diag(l_S) Q_S^T of every module (float64), one task per distinct matrix.
-
-    An eigendecomposition costs about 9 d^3 flops and does not scale like a GEMM: for a 1536-wide module it takes
-    seconds, so they are spread over the workers like the data passes (on a GPU worker, they run there). Modules that
-    read the same input (gate_proj and up_proj) have the same A: it is decomposed once.
-    """
-    total = _sum_shards(plan, C.COVARIANCE_SHARD_NAME)
-    num_tokens, num_labelled, _ = total[C.COUNTS].tolist()
-    matrices: dict[str, torch.Tensor] = {}   # content key -> matrix
-    targets: dict[str, list[str]] = {}       # content key -> the (module + suffix) it serves
-    for name in plan.info.module_names:
-        for suffix, count in ((C.ACTIVATION_SUM, num_tokens), (C.GRADIENT_SUM, num_labelled)):
-            matrix = total.pop(name + suffix) / max(count, 1.0)
-            key = hashlib.blake2b(matrix.numpy().tobytes(), digest_size=16).hexdigest()
-            matrices.setdefault(key, matrix)
-            targets.setdefault(key, []).append(name + suffix)
-    results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    keys = sorted(matrices, key=lambda k: -matrices[k].numel())  # largest first: they bound the pass's length
-    storage = "float64" if _storage_dtype(plan.args) == torch.float64 else "float32"
-    return Pass("eigendecomposition", keys, eigendecomposition_work, save=results.__setitem__,
-                payload=lambda key: (matrices[key].numpy(), plan.spec.device, storage),
-                reduce=partial(_save_basis, plan, results, targets, total[C.COUNTS]), unit="matrix")
-
-
-def eigendecomposition_work(workspace: Workspace, shared, payload: tuple[np.ndarray, str, str]) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (clamped at 0, float64) and eigenvectors (in the factors' storage dtype) of one symmetric matrix,
-    decomposed in float64. The eigenvectors travel and wait for the others in the dtype they are stored in: half the
-    memory of float64 in the driver for a float32 fit."""
-    matrix, device, storage = payload
-    device = device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
-    eigenvalues, eigenvectors = torch.linalg.eigh(unpacked_symmetric(read_only_tensor(matrix).to(device)))
-    return eigenvalues.clamp_min(0).cpu().numpy(), eigenvectors.to(getattr(torch, storage)).cpu().numpy()
-
-
-def _save_basis(plan: FitPlan, results: dict, targets: dict[str, list[str]], counts: torch.Tensor) -> None:
-    suffixes = {C.ACTIVATION_SUM: (C.ACTIVATION_EIGENVALUES, C.ACTIVATION_EIGENVECTORS),
-                C.GRADIENT_SUM: (C.GRADIENT_EIGENVALUES, C.GRADIENT_EIGENVECTORS)}
-    tensors = {C.COUNTS: counts}
-    for key, (eigenvalues, eigenvectors) in results.items():
-        for target in targets[key]:
-            for suffix, (values_key, vectors_key) in suffixes.items():
-                if target.endswith(suffix):
-                    name = target[: -len(suffix)]
-                    # modules sharing a matrix share these tensors: save_tensors writes copies of all but one
-                    tensors[name + values_key] = read_only_tensor(eigenvalues)
-                    tensors[name + vectors_key] = read_only_tensor(eigenvectors)
-    save_tensors(plan.out_dir / C.EIGENVECTORS_NAME, tensors)
-
-
-def _basis(plan: FitPlan) -> dict:
-    tensors = load_tensors(plan.out_dir / C.EIGENVECTORS_NAME)
-    try:
-        return {name: (tensors[name + C.ACTIVATION_EIGENVECTORS].numpy(), tensors[name + C.GRADIENT_EIGENVECTORS].numpy())
-                for name in plan.info.module_names}
-    except KeyError as exc:
-        raise InfluenceError(f"{plan.out_dir / C.EIGENVECTORS_NAME} lacks {exc.args[0]}; delete it and re-run the fit") from exc
 
 
 def aggregate_factors(plan: FitPlan) -> None:
@@ -440,6 +373,7 @@ def load_factors(factors_dir: Path | str, model_fingerprint: Optional[str] = Non
                      "fit factors for this model with `influence fit`, or pass the model they were fitted on")
     if not (factors_dir / C.FACTORS_NAME).is_file():
         raise InfluenceError(f"{factors_dir} has a manifest but no {C.FACTORS_NAME}; re-run `influence fit` into a new directory")
+    _warn_old_label_draws(factors_dir, manifest)
     tensors = load_tensors(factors_dir / C.FACTORS_NAME)
     modules = {}
     for name in manifest["modules"]:
@@ -454,6 +388,20 @@ def load_factors(factors_dir: Path | str, model_fingerprint: Optional[str] = Non
             raise InfluenceError(f"{factors_dir / C.FACTORS_NAME} lacks {exc.args[0]}; the manifest was edited or the file is from "
                                  "another fit; re-run `influence fit`") from exc
     return Factors(modules, manifest)
+
+
+_WARNED_OLD_LABEL_DRAWS: set[str] = set()
+
+
+def _warn_old_label_draws(factors_dir: Path, manifest: dict) -> None:
+    """Say once per process that true-Fisher factors predate LABEL_DRAWS 2 (their Lambda is in-sample): usable, but
+    their scores are inflated, by 2.4x on SmolLM2 against Kronfluence."""
+    key = str(Path(factors_dir).resolve())
+    old = manifest["args"].get("fisher") == "true" and manifest["args"].get("strategy") == "ekfac" and manifest.get("label_draws", 1) != LABEL_DRAWS
+    if old and key not in _WARNED_OLD_LABEL_DRAWS:
+        _WARNED_OLD_LABEL_DRAWS.add(key)
+        LOG.warning("%s was fitted by an older version whose eigenvalue pass reused the covariance pass's sampled labels "
+                    "(an in-sample Lambda that inflates scores); refit it into a new directory", factors_dir)
 
 
 def _accumulate(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from indexes.build import build_index
 from indexes.engine import QueryEngine
-from indexes.search import RefineStore, encode_refine
+from indexes.codes import RefineStore, encode_refine
 from indexes.shards import write_sketch_shard
 from indexes.store import load_doc_table, load_refine_store, merge_sketch_shards
 from influence.arguments import IndexArgs, QueryArgs, ScoreArgs

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from indexes.search import SketchStore, encode_sketches, search_both_signs, search_index
+from indexes.codes import SketchStore, encode_sketches
+from indexes.search import search_both_signs, search_index
 from influence.factors import load_factors
 from influence.gradients import capture_module_io, make_token_batch
 from influence.models import ModelSpec, load_model_context, load_tokenizer

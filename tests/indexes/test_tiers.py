@@ -8,7 +8,8 @@ import torch
 
 from indexes.build import build_index, first_tier_factory
 from indexes.engine import QueryEngine
-from indexes.search import SketchStore, encode_sketches, fold, tiered_both_signs
+from indexes.codes import SketchStore, encode_sketches
+from indexes.search import fold, tiered_both_signs
 from influence.arguments import IndexArgs, QueryArgs, ScoreArgs
 from influence.factors import load_factors
 from influence.queries import Query

@@ -8,8 +8,8 @@ from influence.arguments import FactorArgs
 from influence.artifacts import load_tensors
 from influence.corpus import load_sequences
 from influence.errors import InfluenceError
-from influence.factors import (FitWork, covariance_work, fit_factors, load_factors, packed_symmetric, plan_fit, unpacked_symmetric,
-                               _save_shard)
+from influence.eigenbasis import packed_symmetric, unpacked_symmetric
+from influence.factors import FitWork, covariance_work, fit_factors, load_factors, plan_fit, _save_shard
 from influence.models import find_tracked_modules, load_model, model_identity
 from influence.stage import Workspace
 from influence.preconditioner import precondition
@@ -176,3 +176,52 @@ def test_resume_with_other_settings_is_refused(llama_dir, corpus_dir, tmp_path):
     fit(llama_dir, corpus_dir, tmp_path, strategy="diagonal")
     with pytest.raises(InfluenceError, match="different FactorArgs"):
         fit(llama_dir, corpus_dir, tmp_path, strategy="ekfac")
+
+
+@pytest.mark.parametrize("left", ["eigenvalue shards", "finished factors"])
+def test_fit_refuses_eigenvalues_of_the_old_label_draw(llama_dir, corpus_dir, tmp_path, left):
+    # before LABEL_DRAWS 2 the eigenvalue pass reused the covariance pass's labels: resuming such a fit would mix the
+    # two kinds of eigenvalue shards, and returning its factors would pass off an in-sample Lambda
+    import json
+    from influence.factors import LABEL_DRAWS
+
+    out = tmp_path / "factors"
+    fit(llama_dir, corpus_dir, out, fisher="true", keep_shards=True)
+    if left == "eigenvalue shards":
+        (out / C.MANIFEST_NAME).unlink()
+    assert list(out.glob("eigenvalue_shard_*"))
+    saved = json.loads((out / C.ARGS_NAME).read_text())
+    assert saved.pop("label_draws") == LABEL_DRAWS
+    (out / C.ARGS_NAME).write_text(json.dumps(saved))  # as the old version wrote it
+    with pytest.raises(InfluenceError, match="reused the covariance pass's sampled labels.*delete"):
+        fit(llama_dir, corpus_dir, out, fisher="true", keep_shards=True)
+
+
+def test_fit_resumes_covariance_shards_of_the_old_label_draw(llama_dir, corpus_dir, tmp_path):
+    # the covariance pass drew its labels the same way in both versions: its shards stay usable
+    import json
+
+    reference = fit(llama_dir, corpus_dir, tmp_path / "ref", num_shards=2)
+    partial = tmp_path / "partial"
+    args = FactorArgs(dtype="float64", progress=False)
+    plan = plan_fit(llama_dir, corpus_dir, partial, args, num_shards=2)
+    work = FitWork(plan.spec, args.fisher, args.seed, args.batch_tokens)
+    _save_shard(plan, C.COVARIANCE_SHARD_NAME, 0, covariance_work(Workspace(), work, plan.rows(0)))
+    partial.joinpath(C.ARGS_NAME).write_text(json.dumps({k: v for k, v in plan.identity.items() if k != "label_draws"}))
+    resumed = fit(llama_dir, corpus_dir, partial, num_shards=2)
+    assert_same_factors(reference, resumed)
+
+
+def test_loading_factors_of_the_old_label_draw_warns_once(llama_dir, corpus_dir, tmp_path, caplog):
+    import json
+
+    out = tmp_path / "factors"
+    fit(llama_dir, corpus_dir, out, fisher="true")
+    manifest = json.loads((out / C.MANIFEST_NAME).read_text())
+    del manifest["label_draws"]
+    (out / C.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="influence.factors"):
+        load_factors(out)
+        load_factors(out)
+    warnings = [r for r in caplog.records if "reused the covariance pass's sampled labels" in r.getMessage()]
+    assert len(warnings) == 1 and str(out) in warnings[0].getMessage()
