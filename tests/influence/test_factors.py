@@ -155,15 +155,22 @@ def test_factors_refuse_another_model(llama_dir, corpus_dir, tokenizer, tmp_path
         load_factors(tmp_path / "f", model_identity(other).fingerprint)
 
 
+def interrupted_fit(model_dir, corpus_dir, out, num_shards: int, shards_done, saved_without=()) -> None:
+    """A fit as if killed with `shards_done` of pass 1 finished; its saved plan lacks the keys `saved_without`."""
+    import json
+
+    args = FactorArgs(dtype="float64", progress=False)
+    plan = plan_fit(model_dir, corpus_dir, out, args, num_shards=num_shards)
+    work = FitWork(plan.spec, args.fisher, args.seed, args.batch_tokens)
+    for shard in shards_done:
+        _save_shard(plan, C.COVARIANCE_SHARD_NAME, shard, covariance_work(Workspace(), work, plan.rows(shard)))
+    out.joinpath(C.ARGS_NAME).write_text(json.dumps({k: v for k, v in plan.identity.items() if k not in saved_without}))
+
+
 def test_resume_after_partial_fit_equals_uninterrupted(llama_dir, corpus_dir, tmp_path):
     reference = fit(llama_dir, corpus_dir, tmp_path / "ref", num_shards=3)
     partial = tmp_path / "partial"
-    args = FactorArgs(dtype="float64", progress=False)
-    plan = plan_fit(llama_dir, corpus_dir, partial, args, num_shards=3)
-    work = FitWork(plan.spec, args.fisher, args.seed, args.batch_tokens)
-    for shard in (0, 2):  # as if killed with shards 0 and 2 of pass 1 done
-        _save_shard(plan, C.COVARIANCE_SHARD_NAME, shard, covariance_work(Workspace(), work, plan.rows(shard)))
-    partial.joinpath(C.ARGS_NAME).write_text(__import__("json").dumps(plan.identity))
+    interrupted_fit(llama_dir, corpus_dir, partial, 3, (0, 2))
     done = {p.name: p.stat().st_mtime_ns for p in partial.glob("covariance_shard_*")}
     resumed = fit(llama_dir, corpus_dir, partial, num_shards=3)
     for name, f in reference.modules.items():
@@ -199,15 +206,9 @@ def test_fit_refuses_eigenvalues_of_the_old_label_draw(llama_dir, corpus_dir, tm
 
 def test_fit_resumes_covariance_shards_of_the_old_label_draw(llama_dir, corpus_dir, tmp_path):
     # the covariance pass drew its labels the same way in both versions: its shards stay usable
-    import json
-
     reference = fit(llama_dir, corpus_dir, tmp_path / "ref", num_shards=2)
     partial = tmp_path / "partial"
-    args = FactorArgs(dtype="float64", progress=False)
-    plan = plan_fit(llama_dir, corpus_dir, partial, args, num_shards=2)
-    work = FitWork(plan.spec, args.fisher, args.seed, args.batch_tokens)
-    _save_shard(plan, C.COVARIANCE_SHARD_NAME, 0, covariance_work(Workspace(), work, plan.rows(0)))
-    partial.joinpath(C.ARGS_NAME).write_text(json.dumps({k: v for k, v in plan.identity.items() if k != "label_draws"}))
+    interrupted_fit(llama_dir, corpus_dir, partial, 2, (0,), saved_without=("label_draws",))
     resumed = fit(llama_dir, corpus_dir, partial, num_shards=2)
     assert_same_factors(reference, resumed)
 
