@@ -188,8 +188,9 @@ def _require_same_label_draws(saved: dict, out_dir: Path, args: FactorArgs) -> N
         return
     if any(out_dir.glob(C.EIGENVALUE_SHARD_NAME.split("{")[0] + "*")) or (out_dir / C.MANIFEST_NAME).exists():
         raise InfluenceError(
-            f"{out_dir} holds eigenvalues from an older version whose eigenvalue pass reused the covariance pass's "
-            f"sampled labels (an in-sample Lambda that inflates scores); delete {out_dir} and run the fit again")
+            f"{out_dir} holds eigenvalues fitted without a record of how they drew their labels: an older version's "
+            f"eigenvalue pass reused the covariance pass's sampled labels (an in-sample Lambda that inflates scores); "
+            f"delete {out_dir} and run the fit again")
 
 
 def _has_finished_work(out_dir: Path) -> bool:
@@ -400,8 +401,9 @@ def _warn_old_label_draws(factors_dir: Path, manifest: dict) -> None:
     old = manifest["args"].get("fisher") == "true" and manifest["args"].get("strategy") == "ekfac" and manifest.get("label_draws", 1) != LABEL_DRAWS
     if old and key not in _WARNED_OLD_LABEL_DRAWS:
         _WARNED_OLD_LABEL_DRAWS.add(key)
-        LOG.warning("%s was fitted by an older version whose eigenvalue pass reused the covariance pass's sampled labels "
-                    "(an in-sample Lambda that inflates scores); refit it into a new directory", factors_dir)
+        LOG.warning("%s was fitted without a record of how its eigenvalue pass drew its labels: an older version's "
+                    "eigenvalue pass reused the covariance pass's sampled labels (an in-sample Lambda that inflates "
+                    "scores); refit it into a new directory", factors_dir)
 
 
 def _accumulate(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
