@@ -1,5 +1,7 @@
 """EK-FAC factors against their definitions, computed independently with autograd and plain hooks."""
 
+import json
+
 import pytest
 import torch
 
@@ -157,8 +159,6 @@ def test_factors_refuse_another_model(llama_dir, corpus_dir, tokenizer, tmp_path
 
 def interrupted_fit(model_dir, corpus_dir, out, num_shards: int, shards_done, saved_without=()) -> None:
     """A fit as if killed with `shards_done` of pass 1 finished; its saved plan lacks the keys `saved_without`."""
-    import json
-
     args = FactorArgs(dtype="float64", progress=False)
     plan = plan_fit(model_dir, corpus_dir, out, args, num_shards=num_shards)
     work = FitWork(plan.spec, args.fisher, args.seed, args.batch_tokens)
@@ -189,7 +189,6 @@ def test_resume_with_other_settings_is_refused(llama_dir, corpus_dir, tmp_path):
 def test_fit_refuses_eigenvalues_of_the_old_label_draw(llama_dir, corpus_dir, tmp_path, left):
     # before LABEL_DRAWS 2 the eigenvalue pass reused the covariance pass's labels: resuming such a fit would mix the
     # two kinds of eigenvalue shards, and returning its factors would pass off an in-sample Lambda
-    import json
     from influence.factors import LABEL_DRAWS
 
     out = tmp_path / "factors"
@@ -210,13 +209,14 @@ def test_fit_resumes_covariance_shards_of_the_old_label_draw(llama_dir, corpus_d
     reference = fit(llama_dir, corpus_dir, tmp_path / "ref", num_shards=2)
     partial = tmp_path / "partial"
     interrupted_fit(llama_dir, corpus_dir, partial, 2, (0,), saved_without=("label_draws",))
-    resumed = fit(llama_dir, corpus_dir, partial, num_shards=2)
+    old_shard = partial / C.COVARIANCE_SHARD_NAME.format(shard=0, num_shards=2)
+    written = old_shard.stat().st_mtime_ns
+    resumed = fit(llama_dir, corpus_dir, partial, num_shards=2, keep_shards=True)
     assert_same_factors(reference, resumed)
+    assert old_shard.stat().st_mtime_ns == written, "the old covariance shard is resumed, not computed again"
 
 
 def test_loading_factors_of_the_old_label_draw_warns_once(llama_dir, corpus_dir, tmp_path, caplog):
-    import json
-
     out = tmp_path / "factors"
     fit(llama_dir, corpus_dir, out, fisher="true")
     manifest = json.loads((out / C.MANIFEST_NAME).read_text())
