@@ -64,6 +64,8 @@ def refit(run: Path, work: Path, seed: int, queries: list, model_dir: Path, batc
     else:
         fitted = read_json(run / "factors" / "args.json")["args"]
         args = FactorArgs(**{**fitted, "seed": seed}, batch_tokens=batch_tokens, progress=False)
+        # an interrupted refit resumes from its shards (`fit_factors`): its seconds are then the rest of a fit
+        figures["fit_resumed"] = factors.exists()
         with common.Timer() as fit_timer:
             fit_factors(model_dir, run / "corpus", factors, args, executor)
         with common.Timer() as scan_timer:

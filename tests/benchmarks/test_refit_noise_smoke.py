@@ -20,7 +20,7 @@ def test_refit_noise_quick(run_quick, benchmark_work):
     assert result["model"] == "tiny-llama" and result["queries"] == 3 and result["fit_args"]["seed"] == 0
     assert [(p["first"], p["second"]) for p in result["pairs"]] == [
         ("seed 0 (the run's)", "seed 1"), ("seed 0 (the run's)", "seed 2"), ("seed 1", "seed 2")]
-    assert all(r["fit_seconds"] > 0 and r["scan_seconds"] > 0 and not r["reused"] for r in result["refits"])
+    assert all(r["fit_seconds"] > 0 and r["scan_seconds"] > 0 and not r["reused"] and not r["fit_resumed"] for r in result["refits"])
     assert "| seed 1 vs seed 2 |" in stdout
 
     # the recall figures from the scans themselves: the run's exact.npz and each refit's kept scan
