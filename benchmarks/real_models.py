@@ -156,6 +156,14 @@ class ExactScan:
         with np.load(path) as saved:
             return cls(saved["seq_ids"], saved["scores"])
 
+    def columns_in_order_of(self, seq_ids: np.ndarray, other: str) -> np.ndarray:
+        """The scores (queries, sequences) with their columns in the order of `seq_ids` (those of `other`, named in the
+        error when it holds other sequences)."""
+        if not np.array_equal(np.sort(seq_ids), np.sort(self.seq_ids)):
+            raise SystemExit(f"error: {other} holds other sequences than the exact scan it is compared with; was the corpus changed?")
+        order = np.argsort(self.seq_ids)
+        return self.scores[:, order[np.searchsorted(self.seq_ids, seq_ids, sorter=order)]]
+
 
 def run_model(name: str, model_dir: Path, settings: Settings, work: Path, executor, resume: bool = False) -> dict:
     """Every stage of one model, timed, with its quality figures."""

@@ -54,7 +54,7 @@ from influence.stage import LocalExecutor  # noqa: E402
 from jobs.runner import RayExecutor  # noqa: E402
 
 
-def refit(run: Path, work: Path, seed: int, queries: list, model_dir: Path, batch_tokens: int, executor) -> dict:
+def refit(run: Path, work: Path, fitted: dict, seed: int, queries: list, model_dir: Path, batch_tokens: int, executor) -> dict:
     """The run's fit again with `seed` (its other arguments as the run's), and the exact scan of `queries` with it:
     figures, and the scan (`real_models.ExactScan`) under "scan". Kept in `work`: a kept scan is read, not redone."""
     factors, scan_path = work / f"factors_seed{seed}", work / f"exact_seed{seed}.npz"
@@ -62,7 +62,6 @@ def refit(run: Path, work: Path, seed: int, queries: list, model_dir: Path, batc
     if scan_path.is_file():
         figures.update(fit_seconds=None, scan_seconds=None, reused=True)
     else:
-        fitted = read_json(run / "factors" / "args.json")["args"]
         args = FactorArgs(**{**fitted, "seed": seed}, batch_tokens=batch_tokens, progress=False)
         # an interrupted refit resumes from its shards (`fit_factors`): its seconds are then the rest of a fit
         figures["fit_resumed"] = factors.exists()
@@ -75,14 +74,6 @@ def refit(run: Path, work: Path, seed: int, queries: list, model_dir: Path, batc
         figures.update(fit_seconds=fit_timer.seconds, scan_seconds=scan_timer.seconds, reused=False)
     figures["scan"] = real_models.ExactScan.load(scan_path)
     return figures
-
-
-def aligned(scan: real_models.ExactScan, seq_ids: np.ndarray) -> np.ndarray:
-    """A scan's scores (queries, sequences) with its columns in the order of `seq_ids`."""
-    if not np.array_equal(np.sort(scan.seq_ids), np.sort(seq_ids)):
-        raise SystemExit("error: the refit's scan holds other sequences than the run's; was the run's corpus changed?")
-    order = np.argsort(scan.seq_ids)
-    return scan.scores[:, order[np.searchsorted(scan.seq_ids, seq_ids, sorter=order)]]
 
 
 def compare(first: np.ndarray, second: np.ndarray, top_k: int) -> dict:
@@ -112,7 +103,8 @@ def noise_floor(run: Path, work: Path, seeds: Sequence[int], workers: int) -> di
     if "exact" not in stages:
         raise SystemExit(f"error: {run} has no finished exact scan; run its real_models.py command again with --resume "
                          f"(it keeps the stages it finished)")
-    run_seed = read_json(run / "factors" / "args.json")["args"]["seed"]
+    fitted = read_json(run / "factors" / "args.json")["args"]  # the run's fit's arguments, the refits' but for the seed
+    run_seed = fitted["seed"]
     if run_seed in seeds or len(set(seeds)) != len(seeds):
         raise SystemExit(f"error: --seeds must differ from each other and from the run's own fit's seed ({run_seed}); got {list(seeds)}")
     model_dir, settings = Path(identity["model_dir"]), real_models.Settings(**identity["settings"])
@@ -126,14 +118,14 @@ def noise_floor(run: Path, work: Path, seeds: Sequence[int], workers: int) -> di
     work = work / f"{run.name}-{hashlib.blake2b(run_fit.encode(), digest_size=6).hexdigest()}"
     work.mkdir(parents=True, exist_ok=True)
     with RayExecutor(workers) if workers else nullcontext(LocalExecutor()) as executor:
-        refits = [refit(run, work, seed, queries, model_dir, settings.batch_tokens, executor) for seed in seeds]
+        refits = [refit(run, work, fitted, seed, queries, model_dir, settings.batch_tokens, executor) for seed in seeds]
     fits = {f"seed {run_seed} (the run's)": run_scan.scores,
-            **{f"seed {r['seed']}": aligned(r.pop("scan"), run_scan.seq_ids) for r in refits}}
+            **{f"seed {r['seed']}": r.pop("scan").columns_in_order_of(run_scan.seq_ids, "the run's exact scan") for r in refits}}
     pairs = [{"first": a, "second": b, **compare(fits[a], fits[b], settings.top_k)} for a, b in itertools.combinations(fits, 2)]
     return {"run": str(run), "model": identity["model"], "run_commit": identity["commit"],
             "documents": stages["corpus"]["documents"], "sequences": int(run_scan.scores.shape[1]),
             "queries": int(run_scan.scores.shape[0]), "top_k": settings.top_k, "target_recall": TARGET_RECALL,
-            "fit_args": read_json(run / "factors" / "args.json")["args"], "run_fit_seconds": stages["fit"]["seconds"],
+            "fit_args": fitted, "run_fit_seconds": stages["fit"]["seconds"],
             "run_exact_seconds": stages["exact"]["seconds"], "refits": refits, "pairs": pairs,
             # the run's own default query (real_models.py) against its own exact scan, for reading the pairs beside it
             "run_query_recall_at_10": stages.get("query", {}).get("recall_at_10")}

@@ -169,10 +169,7 @@ def budget(run: Path, work: Path, max_dim: int, workers: int, batch_tokens: int,
     scan = real_models.ExactScan.load(run / "exact.npz")
     seq_ids, docs, build = full_sketches(run, model_dir, work, max_dim, workers, batch_tokens, reuse_index)
     # the scan's columns put in the index's row order (not the rows in the scan's: a second copy of a 5 GB array)
-    if not np.array_equal(np.sort(seq_ids), np.sort(scan.seq_ids)):
-        raise SystemExit(f"error: the index built here holds other sequences than {run}'s exact scan; was its corpus changed?")
-    order = np.argsort(scan.seq_ids)
-    exact = scan.scores[:, order[np.searchsorted(scan.seq_ids, seq_ids, sorter=order)]]
+    exact = scan.columns_in_order_of(seq_ids, f"the index built here from {run}")
     # one engine on the run's own index for every query of this script: one model load; each call passes its own args
     engine = QueryEngine(run / "index", QueryArgs(adaptive=False, batch_tokens=batch_tokens))
     queries = real_models.first_exchange_queries(real_models.load_documents_table(run / "documents.parquet"),
