@@ -260,6 +260,12 @@ def peak_rss_mb(pid: int | str = "self") -> Optional[float]:
     return None if kib is None else round(kib / 1024, 1)
 
 
+def rss_mb(pid: int | str = "self") -> Optional[float]:
+    """Resident memory of a process now (VmRSS), in MiB; None when /proc cannot tell."""
+    kib = _status_kib(pid, "VmRSS")
+    return None if kib is None else round(kib / 1024, 1)
+
+
 def reset_peak_rss(pid: int | str = "self") -> bool:
     """Reset a process's VmHWM to its current RSS (Linux >= 4.0; this process by default, or one of its own, e.g. a
     Ray worker), so the next reading is the peak of what follows."""

@@ -23,6 +23,7 @@ from indexes.constants import NO_FACTORY, REFINE_SCALE
 from indexes.codes import encode_refine
 from indexes.shards import sketch_shard_exists, sketch_shard_path, write_sketch_shard
 from indexes.store import index_exists, merge_sketch_shards
+from indexes.text import require_bm25, text_index_exists, write_text_index
 from indexes.tiers import check_factory
 from influence.arguments import IndexArgs
 from influence.artifacts import read_json, read_manifest, references, require_same, require_same_plan, write_json, write_manifest
@@ -103,6 +104,8 @@ def plan_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path 
                           ("model_fingerprint", "corpus_fingerprint", "factors_fingerprint"), out_dir, "model, corpus or factors", args)
     if args.refine:
         _check_refine_size(info, args.shard_size)
+    if args.text_index:
+        require_bm25()
     spec = ModelSpec(str(model_dir), args.dtype, args.device, factors["args"]["module_pattern"], identity.quick)
     num_shards = -(-sequences.num_rows // args.shard_size)
     return IndexPlan(model_dir, factors_dir, corpus_dir, out_dir, args, info, spec, sequences, plan_identity, num_shards, factory)
@@ -149,21 +152,34 @@ def build_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path
                 args: IndexArgs = IndexArgs(), executor: Optional[Executor] = None) -> Path:
     """Sketch every sequence on `executor` (default: this process), shard by shard (resumable), then merge."""
     plan = plan_index(model_dir, factors_dir, corpus_dir, index_dir, args)
+    inputs = {"model": plan.model_dir, "factors": plan.factors_dir, "corpus": plan.corpus_dir}
+    text_bytes = TEXT_INDEX_BYTES_PER_TOKEN * int(sum(plan.sequences["num_tokens"].to_pylist())) if args.text_index else 0
     if index_exists(plan.out_dir) and (plan.out_dir / MANIFEST_NAME).exists():
         read_manifest(plan.out_dir, "index")
         if not args.keep_shards:  # a run killed between its manifest and the clean-up
             _remove_shards(plan)
+        if args.text_index and not text_index_exists(plan.out_dir):
+            with prepare_output(plan.out_dir, "index", inputs, text_bytes):
+                _store_text_index(plan)
         return plan.out_dir
     dim, n = args.sketch_dim, plan.sequences.num_rows
     refine_bytes = 2 * 2 * refine_numbers(plan.info) if args.refine else 0  # float16, in the shards and merged
-    bytes_needed = n * (dim * (2 + 4) + (4 * args.fold_dim if plan.factory != NO_FACTORY else 0) + refine_bytes)  # store, shards, tiers
-    with prepare_output(plan.out_dir, "index", {"model": plan.model_dir, "factors": plan.factors_dir, "corpus": plan.corpus_dir},
-                        bytes_needed):
+    bytes_needed = n * (dim * (2 + 4) + (4 * args.fold_dim if plan.factory != NO_FACTORY else 0) + refine_bytes) + text_bytes
+    with prepare_output(plan.out_dir, "index", inputs, bytes_needed):
         write_json(plan.out_dir / ARGS_NAME, plan.identity)
         start = time.perf_counter()
         report = run_stage("index", index_passes(plan, executor), executor, args.progress)
         LOG.info("index: %s in %.1fs", report.seconds, time.perf_counter() - start)
     return plan.out_dir
+
+
+#: A stored text index's bytes per corpus token, at most: a score (float32) and a row (int32) per distinct word of a
+#: sequence, and the vocabulary (8-9 per token measured on Bible verses, `benchmarks/text_index.py`)
+TEXT_INDEX_BYTES_PER_TOKEN = 12
+
+
+def _store_text_index(plan: IndexPlan) -> None:
+    write_text_index(plan.out_dir, plan.sequences["text"].to_pylist(), plan.identity["corpus_fingerprint"], plan.args.progress)
 
 
 def index_passes(plan: IndexPlan, executor: Optional[Executor] = None):
@@ -220,6 +236,8 @@ def _finish(plan: IndexPlan, start: float, executor: Optional[Executor]) -> None
     args = plan.args
     merge_sketch_shards(plan.out_dir, plan.num_shards, factory=plan.factory, train_size=args.train_size, seed=args.seed,
                         progress=args.progress, fold_dim=args.fold_dim, executor=executor)
+    if args.text_index:
+        _store_text_index(plan)
     tokens = int(sum(plan.sequences["num_tokens"].to_pylist()))
     write_manifest(plan.out_dir, "index", **plan.identity, sketch_dim=args.sketch_dim, first_tier=plan.factory,
                    **references(plan.out_dir, model_dir=plan.model_dir, factors_dir=plan.factors_dir, corpus_dir=plan.corpus_dir),

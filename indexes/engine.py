@@ -32,6 +32,7 @@ from indexes.candidates import CandidatePool, ExactScores, incomplete_signs, ref
 from indexes.constants import NO_FACTORY
 from indexes.search import search_both_signs, tiered_both_signs
 from indexes.store import load_doc_table, load_index, load_refine_store, load_sketch_store
+from indexes.text import TextIndex, load_text_index, text_index_exists
 from influence.arguments import QueryArgs
 from influence.artifacts import read_manifest, require_same, resolve_reference
 from influence.corpus import load_sequences, require_same_tokenizer
@@ -95,7 +96,8 @@ class QueryEngine:
             raise InfluenceError(f"{self.index_dir}: the store holds {self.store.ntotal} sketches of dim {self.store.d} but the doc "
                                  f"table has {len(self.seq_ids)} rows and the sketch dim is {self.sketcher.dim}; rebuild the index")
         self.input_ids = self.sequences["input_ids"]
-        self._bm25 = None
+        self.corpus_fingerprint = corpus_manifest["corpus_fingerprint"]
+        self._text_index: Optional[TextIndex] = None
         self._lock = threading.Lock()
         LOG.info("query engine loaded from %s in %.2fs", self.index_dir, time.perf_counter() - start)
 
@@ -348,17 +350,22 @@ class QueryEngine:
         return scored
 
     def _bm25_candidates(self, queries: list[Query], depth: int) -> list[np.ndarray]:
-        try:
-            import bm25s
-        except ImportError as exc:
-            raise InfluenceError("the bm25 generator needs the bm25s package; pip install -e \".[bm25]\" (or use --generator index)") from exc
-        if self._bm25 is None:
-            retriever = bm25s.BM25()
-            retriever.index(bm25s.tokenize(self.sequences["text"].to_pylist(), show_progress=False), show_progress=False)
-            self._bm25 = retriever
-        texts = [f"{q.prompt} {q.completion}" for q in queries]
-        ids, _ = self._bm25.retrieve(bm25s.tokenize(texts, show_progress=False), k=depth, show_progress=False)
-        return [self.sequences["seq_id"].to_numpy()[row] for row in ids]
+        rows = self.text_index.search([f"{q.prompt} {q.completion}" for q in queries], depth)
+        return [self.sequences["seq_id"].to_numpy()[r] for r in rows]
+
+    @property
+    def text_index(self) -> TextIndex:
+        """BM25 over the corpus's text: the one the index stage stored (`IndexArgs.text_index`), memory-mapped, else
+        built here in memory on first use."""
+        if self._text_index is None:
+            if text_index_exists(self.index_dir):
+                self._text_index = load_text_index(self.index_dir, self.corpus_fingerprint, self.sequences.num_rows)
+            else:
+                start = time.perf_counter()
+                self._text_index = TextIndex.build(self.sequences["text"].to_pylist())
+                LOG.info("BM25 over %d sequences built in memory in %.1fs; store it once in the index with `influence index "
+                         "... --text-index` for queries to read it instead", self.sequences.num_rows, time.perf_counter() - start)
+        return self._text_index
 
     def _score(self, prepared: dict[str, Prepared], seq_ids: np.ndarray, per_token: bool, batch_tokens: int,
                pairs: Optional[list] = None, bar: Optional[tqdm] = None):

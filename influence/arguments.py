@@ -198,7 +198,9 @@ class ScoreArgs(StageArgs):
 class IndexArgs(StageArgs):
     """Gradient-sketch index over a corpus (DESIGN.md, "The index")."""
 
-    RUNTIME_ONLY = ("batch_tokens", "device", "progress", "keep_shards")
+    # text_index adds a BM25 index of the text beside the sketches, which it leaves as they are: asked of a finished
+    # index, it stores only that
+    RUNTIME_ONLY = ("batch_tokens", "device", "progress", "keep_shards", "text_index")
     REDUCE_ONLY = ("factory", "train_size", "fold_dim")
 
     sketch_dim: int = _help("numbers per document, shared by every tracked module however deep the model is: the "
@@ -217,6 +219,9 @@ class IndexArgs(StageArgs):
                          "modules' gradients, on disk, memory-mapped): a refine tier whose scores are exact up to a bounded "
                          "rounding, so a query re-ranks exactly little more than the documents it returns. For models up to "
                          "a few million tracked gradient numbers", False)
+    text_index: bool = _help("also store a BM25 index of the sequences' text (the bm25 and hybrid generators' first stage), "
+                             "memory-mapped by every query instead of built in each one's memory; asked of a finished "
+                             "index, adds only that (needs the bm25 extra)", False)
     dtype: str = _help("dtype of the model while sketching", "float32")
     batch_tokens: int = _help(BATCH_TOKENS_HELP, 2048)
     device: str = _help("torch device: cpu, cuda, cuda:N", "cpu")

@@ -31,7 +31,8 @@ STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 ARTIFACT_FILES = {
     "corpus": (MANIFEST_NAME, ARGS_NAME, SEQUENCES_NAME, "corpus"),
     "factors": (MANIFEST_NAME, ARGS_NAME, FACTORS_NAME, EIGENVECTORS_NAME, "covariance_shard_*", "eigenvalue_shard_*", "corpus"),
-    "index": (MANIFEST_NAME, ARGS_NAME, "index.faiss", "docs.parquet", "index.json", "sketches.npy", "refine.npy", "sketch_shard_*"),
+    "index": (MANIFEST_NAME, ARGS_NAME, "index.faiss", "docs.parquet", "index.json", "sketches.npy", "refine.npy", "sketch_shard_*",
+              "text_index"),
     "query": ("results.json", "results.parquet", "report.html"),
     "compare": ("top_k.*", "overlap.*", "*_vs_size.png", "summary.json"),
     "audit": ("outliers*", "by_source.*", "by_lang.*", "dominant.*", "self_influence.png", "summary.json", "report.html"),

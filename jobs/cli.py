@@ -144,6 +144,11 @@ def index_run(ns):
         out = build_index(model, ns.factors, ns.corpus, ns.out, args, runner)
     manifest = read_manifest(out, "index")
     print(summary("index", out, manifest["num_sequences"], manifest["num_tokens"], time.perf_counter() - start))
+    if args.text_index:
+        from indexes.text import text_index_path
+        from jobs.report import terminal_text
+
+        print(f"text index (BM25 over the sequences' text, for --generator bm25 and hybrid) in {terminal_text(text_index_path(out))}")
     if manifest.get("factors_corpus_fingerprint") not in (None, manifest["corpus_fingerprint"]):
         print("note: the factors were fitted on another corpus (a sample, or other documents cut by the same tokenizer); "
               "the index manifest records both corpora")

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -146,6 +147,15 @@ def index_then_other_factors(i: Inputs) -> list[str]:
     prepared(i, index_cmd(i))
     i.victim(i.out)
     return index_cmd(i, factors=i.sample_factors)
+
+
+def text_index_edited(i: Inputs, name: str, edit: Callable[[bytes], bytes]) -> Path:
+    """A copy of the index with its text index stored (`--text-index`), then one of that's files edited by hand."""
+    index = i.copy(i.index, name="index_with_text")
+    prepared(i, index_cmd(i, "--text-index", out=index))
+    path = index / "text_index" / name
+    path.write_bytes(edit(path.read_bytes()))
+    return index
 
 
 def sequences_edited(i: Inputs) -> Path:
@@ -436,6 +446,13 @@ CASES = [
          ("manifest.json is not valid JSON",), "re-run the stage"),
     Case("index-store-corrupt", "inputs", lambda i: query_cmd(i, index=i.replaced(i.index, "sketches.npy", b"not a numpy array")),
          ("not a readable sketch store",), "rebuild the index"),
+    Case("text-index-of-another-corpus", "inputs",
+         lambda i: query_cmd(i, "--generator", "bm25", index=text_index_edited(
+             i, "text_index.json", lambda b: json.dumps({**json.loads(b), "corpus_fingerprint": "0" * 32}).encode())),
+         ("corpus mismatch", "text_index"), "--text-index"),
+    Case("text-index-scores-corrupt", "inputs",
+         lambda i: query_cmd(i, "--generator", "hybrid", index=text_index_edited(i, "data.csc.index.npy", lambda b: b"not a numpy array")),
+         ("not a readable BM25 index",), "--text-index"),
     Case("index-missing", "inputs", lambda i: query_cmd(i, index=i.scratch / "no_index"), ("no manifest.json",), "re-run the index stage"),
     Case("empty-completion", "inputs", lambda i: query_cmd(i, completion=""), ("empty completion",), "give the text whose probability to explain"),
     Case("over-long-prompt", "inputs", lambda i: query_cmd(i, prompt="word " * 400), ("longer than the model's context of 128",), "shorten the prompt"),

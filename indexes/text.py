@@ -1,0 +1,123 @@
+"""BM25 over the sequences' text: the `bm25` and `hybrid` generators' first stage (the paper's TF-IDF baseline).
+
+On real models the text finds positive top documents that a small sketch misses (`benchmarks/sketch_budget.py`), at
+the cost of a second index. Building it is the slow part (about 35 s and 1.6 GB per million short sequences on one
+core, `benchmarks/text_index.py`), so the index stage stores it once (`IndexArgs.text_index`) in the index directory:
+
+    index_dir/text_index/
+        *.index.npy, *.index.json   bm25s's own files: the term-document scores (CSC), vocabulary and parameters
+        text_index.json             the corpus it was built from and its row count; written last (completion marker)
+
+Every query engine then memory-maps it (under a second per million sequences) instead of building it in its own
+memory. The directory is written under another name and renamed into place, so a reader finds a whole one or none.
+An index without one still answers text queries: each engine builds the same BM25 in memory, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from influence.artifacts import read_json, require_same, write_json
+from influence.errors import InfluenceError
+
+LOG = logging.getLogger(__name__)
+TEXT_INDEX_DIR = "text_index"
+TEXT_META_NAME = "text_index.json"
+#: BM25's free parameters, as Lucene's defaults; recorded in the metadata so a stored index says how it scores.
+BM25_PARAMS = {"method": "lucene", "k1": 1.5, "b": 0.75}
+
+
+def require_bm25():
+    """The bm25s module, or an error that says how to install it (checked before any work that needs it)."""
+    try:
+        import bm25s
+    except ImportError as exc:
+        raise InfluenceError("BM25 over the text needs the bm25s package; pip install -e \".[bm25]\" "
+                             "(or query with --generator index)") from exc
+    return bm25s
+
+
+@dataclass
+class TextIndex:
+    """A BM25 retriever over a corpus's sequences, rows in the corpus's order; `stored` when read from an index directory."""
+
+    retriever: object
+    num_rows: int
+    stored: bool = False
+
+    @classmethod
+    def build(cls, texts: Sequence[str], progress: bool = False) -> "TextIndex":
+        bm25s = require_bm25()
+        retriever = bm25s.BM25(**BM25_PARAMS)
+        retriever.index(bm25s.tokenize(list(texts), show_progress=progress), show_progress=progress)
+        return cls(retriever, len(texts))
+
+    def search(self, texts: Sequence[str], depth: int) -> list[np.ndarray]:
+        """Per text, the rows of the `depth` best-matching sequences, best first (depth capped at the corpus's rows)."""
+        bm25s = require_bm25()
+        depth = min(int(depth), self.num_rows)
+        rows, _ = self.retriever.retrieve(bm25s.tokenize(list(texts), show_progress=False), k=depth, show_progress=False)
+        return [np.asarray(r, dtype=np.int64) for r in rows]
+
+
+def text_index_path(index_dir: Path) -> Path:
+    return Path(index_dir) / TEXT_INDEX_DIR
+
+
+def text_index_exists(index_dir: Path) -> bool:
+    return (text_index_path(index_dir) / TEXT_META_NAME).is_file()
+
+
+def write_text_index(index_dir: Path, texts: Sequence[str], corpus_fingerprint: str, progress: bool = True) -> Path:
+    """Build BM25 over `texts` (the corpus's sequences, in order) and store it as `index_dir/text_index`.
+
+    The caller holds the index directory's lock (`outputs.prepare_output`). Written to a hidden sibling first and
+    renamed into place with its metadata inside, so a failure or a kill leaves no partial text index (a stale
+    hidden directory of a killed attempt is removed by the next)."""
+    index_dir = Path(index_dir)
+    final = text_index_path(index_dir)
+    for stale in index_dir.glob(f".{TEXT_INDEX_DIR}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = index_dir / f".{TEXT_INDEX_DIR}-{uuid.uuid4().hex[:8]}"
+    start = time.perf_counter()
+    try:
+        built = TextIndex.build(texts, progress)
+        built.retriever.save(str(tmp), show_progress=False)
+        write_json(tmp / TEXT_META_NAME, {"corpus_fingerprint": corpus_fingerprint, "num_rows": len(texts), **BM25_PARAMS,
+                                          "build_seconds": round(time.perf_counter() - start, 3)})
+        if final.exists():  # an unfinished one (no metadata) from an older version or a hand copy
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    LOG.info("text index: BM25 over %d sequences stored in %s in %.1fs", len(texts), final, time.perf_counter() - start)
+    return final
+
+
+def load_text_index(index_dir: Path, corpus_fingerprint: str, num_rows: int) -> TextIndex:
+    """The text index stored in `index_dir`, memory-mapped, checked against the corpus the engine reads."""
+    path = text_index_path(index_dir)
+    meta = read_json(path / TEXT_META_NAME)
+    if not isinstance(meta, dict):
+        raise InfluenceError(f"{path / TEXT_META_NAME} was edited by hand or written by another version; rebuild it with "
+                             "`influence index ... --text-index` after removing that directory")
+    fix = f"remove {path} and store it again with `influence index ... --text-index` (seconds; the sketches are kept)"
+    require_same("corpus", corpus_fingerprint, meta.get("corpus_fingerprint"), path, fix)
+    require_same("text index rows", num_rows, meta.get("num_rows"), path, fix)
+    try:
+        retriever = require_bm25().BM25.load(str(path), mmap=True, show_progress=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InfluenceError(f"{path} is not a readable BM25 index ({exc}); {fix}") from exc
+    if retriever.scores.get("num_docs") != num_rows:
+        raise InfluenceError(f"{path} scores {retriever.scores.get('num_docs')} documents, not the corpus's {num_rows}; {fix}")
+    return TextIndex(retriever, num_rows, stored=True)
