@@ -15,7 +15,7 @@ shutdown prompt and completion, each for its top 50 (`QueryArgs.text_candidates`
 top 50 rows for every query (checked). The figure that matters is the ratio of a first text query's cost:
 (load + first query) / (build + first query).
 
-    python benchmarks/text_index.py            # 10,000, 100,000 and all 964,162 verses: about 5 minutes on 2 cores
+    python benchmarks/text_index.py            # 10,000, 100,000 and all 964,162 verses: 2 minutes on 2 cores
     python benchmarks/text_index.py --quick    # 2,000 and 20,000 verses: seconds; writes to a temp path
 """
 

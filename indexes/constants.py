@@ -13,6 +13,7 @@ FAISS index and their aligned doc table:
         refine.npy                      float16 (N, D): the refine tier, every whitened gradient itself (with --refine)
         docs.parquet                    the shards' rows concatenated, plus index_id = 0..N-1 and sketch_scale (the step)
         index.json                      how index.faiss was built; written last (completion marker)
+        text_index/                     BM25 over the sequences' text (with --text-index; `text.py`)
 """
 
 SKETCH_SHARD_NAME = "sketch_shard_{shard:05d}_of_{num_shards:05d}"

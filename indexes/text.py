@@ -1,14 +1,14 @@
 """BM25 over the sequences' text: the `bm25` and `hybrid` generators' first stage (the paper's TF-IDF baseline).
 
 On real models the text finds positive top documents that a small sketch misses (`benchmarks/sketch_budget.py`), at
-the cost of a second index. Building it is the slow part (about 35 s and 1.6 GB per million short sequences on one
-core, `benchmarks/text_index.py`), so the index stage stores it once (`IndexArgs.text_index`) in the index directory:
+the cost of a second index. Building it is the slow part (34 s and 0.9 GB per million Bible verses on one core,
+`benchmarks/text_index.py`), so the index stage stores it once (`IndexArgs.text_index`) in the index directory:
 
     index_dir/text_index/
         *.index.npy, *.index.json   bm25s's own files: the term-document scores (CSC), vocabulary and parameters
-        text_index.json             the corpus it was built from and its row count; written last (completion marker)
+        text_index.json             the corpus it was built from, its row count and BM25's parameters
 
-Every query engine then memory-maps it (under a second per million sequences) instead of building it in its own
+Every query engine then memory-maps it (0.75 s per million verses) instead of building it in its own
 memory. The directory is written under another name and renamed into place, so a reader finds a whole one or none.
 An index without one still answers text queries: each engine builds the same BM25 in memory, once.
 """
