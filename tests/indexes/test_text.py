@@ -116,3 +116,14 @@ def test_the_command_line_stores_it_and_a_hybrid_query_uses_it(plain_index, llam
                  "--generator", "hybrid", "--top-k", "2", "--out", str(out), "--no-progress"]) == 0
     [result] = json.loads((out / "results.json").read_text())
     assert result["generator"] == "hybrid" and result["documents"]
+
+
+def test_a_large_corpus_without_a_stored_text_index_warns_before_building(plain_index, monkeypatch, caplog):
+    import indexes.engine
+
+    monkeypatch.setattr(indexes.engine, "TEXT_BUILD_WARNING_ROWS", 5)  # this corpus's dozen sequences count as large
+    engine = QueryEngine(plain_index, QueryArgs(top_k=2, candidates=3, progress=False))
+    with caplog.at_level("WARNING", logger="indexes.engine"):
+        engine.bm25_candidates(QUERIES[:1], 3)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "building BM25 over" in warning and "--text-index" in warning
