@@ -174,7 +174,8 @@ def build_index(model_dir: Path | str, factors_dir: Path | str, corpus_dir: Path
 
 
 #: A stored text index's bytes per corpus token, at most: a score (float32) and a row (int32) per distinct word of a
-#: sequence, and the vocabulary (8-9 per token measured on Bible verses, `benchmarks/text_index.py`)
+#: sequence, and the vocabulary (5-8 bytes per word measured on Bible verses, `benchmarks/text_index.py`; a word is
+#: one token or more)
 TEXT_INDEX_BYTES_PER_TOKEN = 12
 
 

@@ -32,7 +32,7 @@ from indexes.candidates import CandidatePool, ExactScores, incomplete_signs, ref
 from indexes.constants import NO_FACTORY
 from indexes.search import search_both_signs, tiered_both_signs
 from indexes.store import load_doc_table, load_index, load_refine_store, load_sketch_store
-from indexes.text import TextIndex, load_text_index, text_index_exists
+from indexes.text import TextIndex, open_text_index
 from influence.arguments import QueryArgs
 from influence.artifacts import read_manifest, require_same, resolve_reference
 from influence.corpus import load_sequences, require_same_tokenizer
@@ -49,10 +49,6 @@ LOG = logging.getLogger(__name__)
 #: A re-rank shows its bar (`QueryArgs.progress`) once it has run this long: a query of a tiny model answers in
 #: milliseconds and should print nothing, one over a real model's corpus takes minutes (one pass per candidate).
 PROGRESS_DELAY_S = 2.0
-#: An engine that builds BM25 in memory warns from this many sequences on (about 3 s, `benchmarks/text_index.py`), and
-#: estimates the wait at this many seconds per sequence (34 s per million verses there)
-TEXT_BUILD_WARNING_ROWS = 100_000
-TEXT_BUILD_S_PER_ROW = 3.5e-5
 
 
 class QueryEngine:
@@ -359,19 +355,9 @@ class QueryEngine:
 
     @property
     def text_index(self) -> TextIndex:
-        """BM25 over the corpus's text: the one the index stage stored (`IndexArgs.text_index`), memory-mapped, else
-        built here in memory on first use."""
+        """BM25 over the corpus's text: the one the index stage stored, else built here in memory on first use."""
         if self._text_index is None:
-            if text_index_exists(self.index_dir):
-                self._text_index = load_text_index(self.index_dir, self.corpus_fingerprint, self.sequences.num_rows)
-            else:
-                rows, start = self.sequences.num_rows, time.perf_counter()
-                large = rows >= TEXT_BUILD_WARNING_ROWS
-                if large:  # seconds to a minute of silence otherwise, at every engine start
-                    LOG.warning("building BM25 over %d sequences in memory (about %.0f s); store it once with `influence index "
-                                "... --text-index` and every query reads it in under a second", rows, rows * TEXT_BUILD_S_PER_ROW)
-                self._text_index = TextIndex.build(self.sequences["text"].to_pylist(), progress=large and self.args.progress)
-                LOG.info("BM25 over %d sequences built in memory in %.1fs", rows, time.perf_counter() - start)
+            self._text_index = open_text_index(self.index_dir, self.sequences, self.corpus_fingerprint, self.args.progress)
         return self._text_index
 
     def _score(self, prepared: dict[str, Prepared], seq_ids: np.ndarray, per_token: bool, batch_tokens: int,

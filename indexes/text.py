@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from influence.artifacts import read_json, require_same, write_json
 from influence.errors import InfluenceError
@@ -34,6 +35,10 @@ TEXT_INDEX_DIR = "text_index"
 TEXT_META_NAME = "text_index.json"
 #: BM25's free parameters, as Lucene's defaults; recorded in the metadata so a stored index says how it scores.
 BM25_PARAMS = {"method": "lucene", "k1": 1.5, "b": 0.75}
+#: Building BM25 in memory warns from this many sequences on (about 3 s, `benchmarks/text_index.py`), and estimates
+#: the wait at this many seconds per sequence (34 s per million verses there)
+BUILD_WARNING_ROWS = 100_000
+BUILD_S_PER_ROW = 3.5e-5
 
 
 def require_bm25():
@@ -121,3 +126,18 @@ def load_text_index(index_dir: Path, corpus_fingerprint: str, num_rows: int) -> 
     if retriever.scores.get("num_docs") != num_rows:
         raise InfluenceError(f"{path} scores {retriever.scores.get('num_docs')} documents, not the corpus's {num_rows}; {fix}")
     return TextIndex(retriever, num_rows, stored=True)
+
+
+def open_text_index(index_dir: Path, sequences: pa.Table, corpus_fingerprint: str, progress: bool = True) -> TextIndex:
+    """What a query engine searches: the text index stored in `index_dir`, else BM25 over `sequences`' text built in
+    memory (with a warning first where that takes seconds)."""
+    if text_index_exists(index_dir):
+        return load_text_index(index_dir, corpus_fingerprint, sequences.num_rows)
+    rows, start = sequences.num_rows, time.perf_counter()
+    large = rows >= BUILD_WARNING_ROWS
+    if large:  # seconds to a minute of silence otherwise, at every engine start
+        LOG.warning("building BM25 over %d sequences in memory (about %.0f s); store it once with `influence index ... "
+                    "--text-index` and every query reads it in under a second", rows, rows * BUILD_S_PER_ROW)
+    built = TextIndex.build(sequences["text"].to_pylist(), progress=large and progress)
+    LOG.info("BM25 over %d sequences built in memory in %.1fs", rows, time.perf_counter() - start)
+    return built

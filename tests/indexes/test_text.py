@@ -119,11 +119,11 @@ def test_the_command_line_stores_it_and_a_hybrid_query_uses_it(plain_index, llam
 
 
 def test_a_large_corpus_without_a_stored_text_index_warns_before_building(plain_index, monkeypatch, caplog):
-    import indexes.engine
+    import indexes.text
 
-    monkeypatch.setattr(indexes.engine, "TEXT_BUILD_WARNING_ROWS", 5)  # this corpus's dozen sequences count as large
+    monkeypatch.setattr(indexes.text, "BUILD_WARNING_ROWS", 5)  # this corpus's dozen sequences count as large
     engine = QueryEngine(plain_index, QueryArgs(top_k=2, candidates=3, progress=False))
-    with caplog.at_level("WARNING", logger="indexes.engine"):
+    with caplog.at_level("WARNING", logger="indexes.text"):
         engine.bm25_candidates(QUERIES[:1], 3)
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "building BM25 over" in warning and "--text-index" in warning
