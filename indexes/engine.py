@@ -133,11 +133,12 @@ class QueryEngine:
                                                                                  self.factors))
         return sketches.numpy(), norms
 
-    def bm25_candidates(self, queries: Sequence[Query], depth: int) -> list[np.ndarray]:
+    def bm25_candidates(self, queries: Sequence[Query], depth: int, matching_only: bool = False) -> list[np.ndarray]:
         """Per query, the seq ids of the `depth` sequences whose text best matches the query's prompt and completion
-        (BM25, the paper's TF-IDF baseline; the `bm25` generator's candidates), best first."""
+        (BM25, the paper's TF-IDF baseline), best first; `matching_only`: only those sharing a word with the query (the
+        `bm25` and `hybrid` generators' candidates)."""
         with self._lock:
-            return self._bm25_candidates(list(queries), min(int(depth), len(self.seq_ids)))
+            return self._bm25_candidates(list(queries), min(int(depth), len(self.seq_ids)), matching_only)
 
     def _tokenize(self, queries: list[Query]):
         if len({q.query_id for q in queries}) != len(queries):
@@ -241,9 +242,11 @@ class QueryEngine:
         if args.generator == "exact":
             return [(CandidatePool(self.seq_ids),) * 2 for _ in queries]
         if args.generator == "bm25":
-            return [(CandidatePool(ids),) * 2 for ids in self._bm25_candidates(queries, depth)]
+            return [(CandidatePool(ids),) * 2 for ids in self._bm25_candidates(queries, depth, True)]
         if args.generator == "hybrid":
-            texts = self._bm25_candidates(queries, min(args.text_candidates, n))
+            # a sequence sharing no word with the query is no text candidate (a translated query may have none): the
+            # re-rank would spend a forward and backward pass on an arbitrary sequence
+            texts = self._bm25_candidates(queries, min(args.text_candidates, n), True)
             pools = self._candidates(queries, sketches, query_norms, dataclasses.replace(args, generator="index"))
             return [(pair[0].with_text_candidates(found, self._sketch_scores(sketches[qi], found)), pair[1])
                     for qi, (pair, found) in enumerate(zip(pools, texts))]
@@ -349,8 +352,8 @@ class QueryEngine:
                             wanted[(qi, sign)] = pool.seq_ids[hopeful][:step]
         return scored
 
-    def _bm25_candidates(self, queries: list[Query], depth: int) -> list[np.ndarray]:
-        rows = self.text_index.search([f"{q.prompt} {q.completion}" for q in queries], depth)
+    def _bm25_candidates(self, queries: list[Query], depth: int, matching_only: bool = False) -> list[np.ndarray]:
+        rows = self.text_index.search([f"{q.prompt} {q.completion}" for q in queries], depth, matching_only)
         return [self.sequences["seq_id"].to_numpy()[r] for r in rows]
 
     @property

@@ -66,12 +66,14 @@ class TextIndex:
         retriever.index(bm25s.tokenize(list(texts), show_progress=progress), show_progress=progress)
         return cls(retriever, len(texts))
 
-    def search(self, texts: Sequence[str], depth: int) -> list[np.ndarray]:
-        """Per text, the rows of the `depth` best-matching sequences, best first (depth capped at the corpus's rows)."""
+    def search(self, texts: Sequence[str], depth: int, matching_only: bool = False) -> list[np.ndarray]:
+        """Per text, the rows of the `depth` best-matching sequences, best first (depth capped at the corpus's rows);
+        `matching_only` drops those that share no word with it (a BM25 score of 0, in no particular order)."""
         bm25s = require_bm25()
         depth = min(int(depth), self.num_rows)
-        rows, _ = self.retriever.retrieve(bm25s.tokenize(list(texts), show_progress=False), k=depth, show_progress=False)
-        return [np.asarray(r, dtype=np.int64) for r in rows]
+        rows, scores = self.retriever.retrieve(bm25s.tokenize(list(texts), show_progress=False), k=depth, show_progress=False)
+        return [np.asarray(r, dtype=np.int64)[np.asarray(v) > 0] if matching_only else np.asarray(r, dtype=np.int64)
+                for r, v in zip(rows, scores)]
 
 
 def text_index_path(index_dir: Path) -> Path:

@@ -252,7 +252,7 @@ class QueryArgs(StageArgs):
                            "candidates and BM25's top text_candidates together; a refine tier is not read), 'exact' (full scan)",
                            "index")
     text_candidates: int = _help("BM25 candidates the hybrid generator adds to the index's, all re-ranked (text retrieval has "
-                                 "no noise bound to stop on)", 50)
+                                 "no noise bound to stop on); only sequences sharing a word with the query count", 50)
     rerank: bool = _help("score the candidates exactly (EK-FAC) with per-layer and per-token breakdowns; off: return the top "
                          "sketch scores (index generator only), an estimate without breakdowns, in the time of a search", True)
     adaptive: bool = _help("re-rank index candidates best-first and stop a sign once none left can plausibly enter its top k "

@@ -127,3 +127,20 @@ def test_a_large_corpus_without_a_stored_text_index_warns_before_building(plain_
         engine.bm25_candidates(QUERIES[:1], 3)
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "building BM25 over" in warning and "--text-index" in warning
+
+
+def test_sequences_sharing_no_word_with_the_query_are_no_text_candidates(plain_index):
+    # a query in a script the corpus does not hold: BM25 scores every sequence 0, so neither text generator proposes
+    # any (re-ranking arbitrary sequences would cost a forward and backward pass each), and the hybrid is the index
+    engine = QueryEngine(plain_index, QueryArgs(top_k=2, candidates=3, progress=False))
+    greek = Query("greek", "Καλημέρα, τι κάνεις;", " Είμαι καλά.", "el")
+    [ranked] = engine.bm25_candidates([greek], 5)
+    assert len(ranked) == 5  # ranked anyway (benchmarks read BM25's full ranking), in no meaningful order
+    assert [len(found) for found in engine.bm25_candidates([greek], 5, matching_only=True)] == [0]
+    fixed = dict(top_k=2, candidates=3, adaptive=False)
+    [hybrid] = engine.query([greek], QueryArgs(generator="hybrid", text_candidates=5, **fixed))
+    [index] = engine.query([greek], QueryArgs(generator="index", **fixed))
+    assert hybrid.num_candidates == index.num_candidates
+    assert [(d.sign, d.seq_id) for d in hybrid.documents] == [(d.sign, d.seq_id) for d in index.documents]
+    [text] = engine.query([greek], QueryArgs(generator="bm25", **fixed))
+    assert text.num_candidates == 0 and text.documents == []
