@@ -11,4 +11,4 @@ def index_dir(llama_dir, ekfac_dir, corpus_dir, tmp_path_factory):
     from influence.arguments import IndexArgs
 
     return build_index(llama_dir, ekfac_dir, corpus_dir, tmp_path_factory.mktemp("reliability_index"),
-                       IndexArgs(progress=False, sketch_dim=64, keep_shards=True))
+                       IndexArgs(progress=False, sketch_dim=64, keep_shards=True, text_index=True))

@@ -213,6 +213,13 @@ def _engine(a):
     return QueryEngine(a["index"], model_dir=a["model"], factors_dir=a["factors"], corpus_dir=a["corpus"])
 
 
+def _text_index(a):
+    from indexes.text import load_text_index
+
+    sequences, manifest = load_sequences(a["corpus"])
+    return load_text_index(a["index"], manifest["corpus_fingerprint"], sequences.num_rows)
+
+
 def _bin_weights(a):
     (a["model"] / "model.safetensors").unlink()  # so that transformers falls back to pytorch_model.bin
     return load_model(a["model"])
@@ -233,6 +240,11 @@ PLANTS: list[tuple[str, str, str, Callable]] = [
     ("index", "docs.parquet", "pickle", _engine),
     ("index", "index.json", "pickle", _engine),
     ("index", "manifest.json", "pickle", _engine),
+    ("index", "text_index/data.csc.index.npy", "npy", _text_index),
+    ("index", "text_index/indices.csc.index.npy", "pickle", _text_index),
+    ("index", "text_index/vocab.index.json", "pickle", _text_index),
+    ("index", "text_index/params.index.json", "pickle", _text_index),
+    ("index", "text_index/text_index.json", "pickle", _text_index),
     ("corpus", "sequences.parquet", "pickle", lambda a: load_sequences(a["corpus"])),
     ("corpus", "manifest.json", "pickle", lambda a: load_sequences(a["corpus"])),
     ("model", "model.safetensors", "pickle", lambda a: load_model(a["model"])),
