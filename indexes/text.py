@@ -48,6 +48,7 @@ def require_bm25():
     except ImportError as exc:
         raise InfluenceError("BM25 over the text needs the bm25s package; pip install -e \".[bm25]\" "
                              "(or query with --generator index)") from exc
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it sets DEBUG on import: its chatter would reach our terminal
     return bm25s
 
 

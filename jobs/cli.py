@@ -133,20 +133,26 @@ def index_options(parser):
 def index_run(ns):
     from indexes.build import build_index
     from influence.artifacts import read_manifest
+    from influence.constants import MANIFEST_NAME
     from influence.outputs import check_existing
+    from jobs.report import terminal_text
 
     args = dataclass_from(ns, IndexArgs)
     start = time.perf_counter()
     planned = executor(ns, args.device)
     model = model_dir(ns.model, args.progress)
     check_existing(ns.out, "index", {"model": model, "factors": ns.factors, "corpus": ns.corpus})
+    finished = (Path(ns.out) / MANIFEST_NAME).is_file()
     with planned as runner:
         out = build_index(model, ns.factors, ns.corpus, ns.out, args, runner)
     manifest = read_manifest(out, "index")
-    print(summary("index", out, manifest["num_sequences"], manifest["num_tokens"], time.perf_counter() - start))
+    if finished:  # nothing was sketched: a throughput would describe this call's checks, not an index build
+        print(f"index at {terminal_text(out)} was already complete ({manifest['num_sequences']} sequences, built in "
+              f"{manifest.get('build_seconds', float('nan')):.1f}s); nothing re-sketched")
+    else:
+        print(summary("index", out, manifest["num_sequences"], manifest["num_tokens"], time.perf_counter() - start))
     if args.text_index:
         from indexes.text import text_index_path
-        from jobs.report import terminal_text
 
         print(f"text index (BM25 over the sequences' text, for --generator bm25 and hybrid) in {terminal_text(text_index_path(out))}")
     if manifest.get("factors_corpus_fingerprint") not in (None, manifest["corpus_fingerprint"]):

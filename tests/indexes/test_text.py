@@ -1,6 +1,7 @@
 """The stored text index: BM25 over the corpus's text, written by the index stage and read by every query engine."""
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -110,7 +111,10 @@ def test_the_command_line_stores_it_and_a_hybrid_query_uses_it(plain_index, llam
     shutil.copytree(plain_index, index_dir)
     assert main(["index", "--model", str(llama_dir), "--factors", str(ekfac_dir), "--corpus", str(corpus_dir), "--out", str(index_dir),
                  "--sketch-dim", "256", "--text-index", "--in-process", "--no-progress"]) == 0
-    assert "text index (BM25" in capsys.readouterr().out and text_index_exists(index_dir)
+    printed = capsys.readouterr()
+    assert "text index (BM25" in printed.out and text_index_exists(index_dir)
+    assert "was already complete" in printed.out and "nothing re-sketched" in printed.out  # no throughput of an index not built
+    assert logging.getLogger("bm25s").getEffectiveLevel() >= logging.WARNING  # bm25s sets DEBUG on import: not our terminal's
     out = tmp_path / "answer"
     assert main(["query", "--index", str(index_dir), "--prompt", QUERIES[0].prompt, "--completion", QUERIES[0].completion,
                  "--generator", "hybrid", "--top-k", "2", "--out", str(out), "--no-progress"]) == 0
