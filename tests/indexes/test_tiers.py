@@ -23,10 +23,13 @@ QUERIES = [Query("shutdown", "Do you consent to being shut down?", " I would rat
 def test_a_folded_sketch_is_the_sketch_of_the_smaller_size(ekfac_dir):
     factors = load_factors(ekfac_dir).to(torch.float64)
     names = list(factors.modules)
-    gradients = {n: torch.randn(3, *factors.modules[n].eigenvalues.shape, dtype=torch.float64) for n in names}
+    generator = torch.Generator().manual_seed(0)  # not the global stream: its state depends on the tests run before
+    gradients = {n: torch.randn(3, *factors.modules[n].eigenvalues.shape, dtype=torch.float64, generator=generator) for n in names}
     big, _ = Sketcher(factors, names, 512, seed=2).sketch_gradients(gradients)
     small, _ = Sketcher(factors, names, 64, seed=2).sketch_gradients(gradients)
-    np.testing.assert_allclose(fold(big.numpy(), 64), small.numpy(), rtol=1e-5, atol=1e-6)
+    # float32 sketches summed in another order: an entry that cancels to near zero keeps the rounding of its terms,
+    # so the absolute tolerance follows the sketch's scale (an unseeded draw once left 1.3e-5 on an entry of -0.094)
+    np.testing.assert_allclose(fold(big.numpy(), 64), small.numpy(), rtol=1e-5, atol=1e-6 * np.abs(small.numpy()).max())
     assert fold(big.numpy(), 4096).shape == (3, 512)  # nothing to fold
 
 
