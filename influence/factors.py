@@ -42,7 +42,7 @@ from influence.artifacts import (file_fingerprint, load_tensors, read_json, read
 from influence.corpus import TokenRows, load_sequences, require_fits_context, require_same_tokenizer, shard_rows, token_rows
 from influence.eigenbasis import eigendecomposition_pass, load_basis, packed_symmetric
 from influence.errors import InfluenceError
-from influence.gradients import capture_module_io, make_token_batch, plan_batches, rotated_gradient_blocks
+from influence.gradients import batch_token_budget, capture_module_io, make_token_batch, plan_batches, rotated_gradient_blocks
 from influence.models import ModelInfo, ModelSpec, describe_model, load_model_context, model_identity, require_model_dir
 from influence.outputs import check_existing, prepare_output
 from influence.stage import Executor, Pass, Workspace, run_stage
@@ -269,8 +269,9 @@ def _save_shard(plan: FitPlan, pattern: str, shard: int, sums: dict[str, np.ndar
     save_tensors(plan.shard_path(pattern, shard), {k: read_only_tensor(v) for k, v in sums.items()})
 
 
-def _token_batches(work: FitWork, rows: TokenRows):
-    for positions in plan_batches(rows.lengths, work.batch_tokens, work.spec.device):
+def _token_batches(workspace: Workspace, work: FitWork, rows: TokenRows):
+    loaded = workspace.get(("model", work.spec), partial(load_model_context, work.spec))
+    for positions in plan_batches(rows.lengths, batch_token_budget(work.batch_tokens, loaded.modules), work.spec.device):
         yield make_token_batch([rows.sequence(i) for i in positions], seq_ids=[int(rows.seq_ids[i]) for i in positions],
                                device=work.spec.device)
 
@@ -287,7 +288,7 @@ def covariance_work(workspace: Workspace, work: FitWork, rows: TokenRows) -> dic
     counts."""
     sums: dict[str, torch.Tensor] = {}
     counts = torch.zeros(3, dtype=torch.float64)  # tokens, labelled tokens, sequences
-    for batch in _token_batches(work, rows):
+    for batch in _token_batches(workspace, work, rows):
         for name, (a, s) in _capture(workspace, work, batch).items():
             a2, s2 = a.flatten(0, 1), s.flatten(0, 1)  # (tokens, d_in), (tokens, d_out)
             _accumulate(sums, name + C.ACTIVATION_SUM, packed_symmetric(a2.T @ a2).double().cpu())
@@ -306,7 +307,7 @@ def eigenvalue_work(workspace: Workspace, work: FitWork, rows: TokenRows) -> dic
             for name, (q_a, q_s) in work.basis.items()})
     sums: dict[str, torch.Tensor] = {}
     count = torch.zeros(1, dtype=torch.float64)
-    for batch in _token_batches(work, rows):
+    for batch in _token_batches(workspace, work, rows):
         for name, (a, s) in _capture(workspace, work, batch).items():
             q_a, q_s = basis.get(name, (None, None))
             # a batch's sum in its own dtype (a few dozen sequences), block by block; the running sum in float64

@@ -268,6 +268,18 @@ def rotated_gradient_blocks(a: torch.Tensor, s: torch.Tensor, q_a: Optional[torc
 #: small GEMMs), i.e. a batch is worth ~30 tokens of padding. A GPU's is far higher (a batch of few tokens leaves it
 #: idle; not measured here): there a batch holds as many sequences as the budget allows, the planner's rule before.
 CPU_BATCH_OVERHEAD_TOKENS = 32
+#: What one batch's captured module inputs and output gradients may hold: `batch_tokens` is lowered for a model whose
+#: tracked modules would take more (SmolLM2-135M's 90 MLP modules: 0.76 MB per token in float32, 1,412 tokens; an 8B
+#: Llama's 96: 7 MB, 151 tokens), so the default of 2,048 does not exhaust a machine's memory as models grow. The
+#: autograd graph of the batch comes on top: SmolLM2's re-rank peaked at 7.5 GB with 2,048 tokens per batch and 4.8 GB
+#: with 512, in the same time (one CPU query over 430 candidates; a batch's size stops paying long before).
+CAPTURE_BUDGET_BYTES = 1 << 30
+
+
+def batch_token_budget(batch_tokens: int, modules: Sequence[TrackedModule]) -> int:
+    """`batch_tokens`, or fewer where a batch's captured inputs and output gradients would pass CAPTURE_BUDGET_BYTES."""
+    per_token = sum((m.shape[0] + m.shape[1]) * m.module.weight.element_size() for m in modules)
+    return max(1, min(int(batch_tokens), CAPTURE_BUDGET_BYTES // max(1, per_token)))
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int, device: str | torch.device = "cpu") -> list[list[int]]:

@@ -8,9 +8,9 @@ import torch
 
 from influence import gradients
 from influence.corpus import chunk_token_ids
-from influence.gradients import (CPU_BATCH_OVERHEAD_TOKENS, capture_module_io, label_chunks, make_token_batch, output_layer_split,
+from influence.gradients import (CAPTURE_BUDGET_BYTES, CPU_BATCH_OVERHEAD_TOKENS, batch_token_budget, capture_module_io, label_chunks, make_token_batch, output_layer_split,
                                  plan_batches, rotated_gradient_blocks, rotated_gradients, sequence_gradients)
-from influence.models import find_tracked_modules, load_model
+from influence.models import TrackedModule, find_tracked_modules, load_model
 from jobs.demo.tiny import build_model
 from tests.conftest import TEXTS
 from tests.oracles import autograd_gradient
@@ -175,3 +175,27 @@ def test_plan_batches_splits_a_mixed_rerank_and_keeps_gpu_batches_full():
     assert len(batches) > 1 and padded < 0.6 * 20 * 64
     assert [len(b) for b in plan_batches(lengths, 2048, "cuda")] == [20]
     assert plan_batches([], 2048) == [] and plan_batches([5000, 3], 2048) == [[0], [1]]
+
+
+def _mlp_modules(layers: int, hidden: int, intermediate: int, dtype=torch.float32) -> list[TrackedModule]:
+    """A Llama's tracked MLP modules on the meta device: shapes and dtypes, no memory."""
+    shapes = [(intermediate, hidden), (intermediate, hidden), (hidden, intermediate)] * layers  # gate, up, down
+    return [TrackedModule(f"m{i}", torch.nn.Linear(d_in, d_out, bias=False, device="meta", dtype=dtype), False)
+            for i, (d_out, d_in) in enumerate(shapes)]
+
+
+def test_batch_token_budget_keeps_a_large_model_s_batch_within_the_capture_budget(llama_dir):
+    # a tiny model keeps the budget it was given; SmolLM2-135M (30 layers, 576 / 1536) and an 8B Llama (32 layers,
+    # 4096 / 14336) get fewer tokens, so that one batch's captured a and s stay within CAPTURE_BUDGET_BYTES
+    tiny = find_tracked_modules(load_model(llama_dir))
+    assert batch_token_budget(2048, tiny) == 2048 and batch_token_budget(7, tiny) == 7
+    for layers, hidden, intermediate, expected in ((30, 576, 1536, 1412), (32, 4096, 14336, 151)):
+        modules = _mlp_modules(layers, hidden, intermediate)
+        per_token = 4 * 3 * layers * (hidden + intermediate)
+        budget = batch_token_budget(2048, modules)
+        assert budget == expected and budget * per_token <= CAPTURE_BUDGET_BYTES < (budget + 1) * per_token
+        assert batch_token_budget(100, modules) == min(100, expected)  # a smaller request is kept
+    # float64 captures take twice the bytes: half the tokens
+    assert batch_token_budget(2048, _mlp_modules(30, 576, 1536, torch.float64)) == 706
+    # one module larger than the whole budget still gets batches of one token's worth (a sequence alone)
+    assert batch_token_budget(2048, _mlp_modules(1, 1 << 28, 1 << 28)) == 1
