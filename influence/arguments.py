@@ -116,7 +116,8 @@ def _check_runtime(args: Any) -> None:
 
 BATCH_TOKENS_HELP = ("padded tokens per forward/backward pass at most: sequences are sorted by length and cut into "
                      "batches of this size or less where that pads less (a longer sequence goes alone); lowered for a "
-                     "large model, so that one batch's captured module inputs and gradients stay within 1 GiB")
+                     "large model, so that one batch's captured module inputs and gradients stay within 1 GiB (an eighth of a "
+                     "GPU's memory)")
 
 
 @dataclass

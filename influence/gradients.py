@@ -268,18 +268,27 @@ def rotated_gradient_blocks(a: torch.Tensor, s: torch.Tensor, q_a: Optional[torc
 #: small GEMMs), i.e. a batch is worth ~30 tokens of padding. A GPU's is far higher (a batch of few tokens leaves it
 #: idle; not measured here): there a batch holds as many sequences as the budget allows, the planner's rule before.
 CPU_BATCH_OVERHEAD_TOKENS = 32
-#: What one batch's captured module inputs and output gradients may hold: `batch_tokens` is lowered for a model whose
-#: tracked modules would take more (SmolLM2-135M's 90 MLP modules: 0.76 MB per token in float32, 1,412 tokens; an 8B
-#: Llama's 96: 7 MB, 151 tokens), so the default of 2,048 does not exhaust a machine's memory as models grow. The
-#: autograd graph of the batch comes on top: SmolLM2's re-rank peaked at 7.5 GB with 2,048 tokens per batch and 4.8 GB
-#: with 512, in the same time (one CPU query over 430 candidates; a batch's size stops paying long before).
+#: What one batch's captured module inputs and output gradients may hold on a CPU: `batch_tokens` is lowered for a model
+#: whose tracked modules would take more (SmolLM2-135M's 90 MLP modules: 0.76 MB per token in float32, 1,412 tokens;
+#: an 8B Llama's 96: 7 MB, 151 tokens), so the default of 2,048 does not exhaust a machine's memory as models grow.
+#: The autograd graph of the batch comes on top: SmolLM2's re-rank peaked at 7.5 GB with 2,048 tokens per batch and
+#: 4.8 GB with 512, in the same time (one CPU query over 430 candidates: on a CPU a batch's size stops paying long
+#: before). A GPU's batches do pay, and its memory is its own: there the budget is a share of the device's memory.
 CAPTURE_BUDGET_BYTES = 1 << 30
+CAPTURE_BUDGET_GPU_SHARE = 8  # an eighth of the device: an 8B Llama's batch holds 1,517 tokens on an 80 GB card, 455 on 24 GB
 
 
 def batch_token_budget(batch_tokens: int, modules: Sequence[TrackedModule]) -> int:
-    """`batch_tokens`, or fewer where a batch's captured inputs and output gradients would pass CAPTURE_BUDGET_BYTES."""
+    """`batch_tokens`, or fewer where a batch's captured inputs and output gradients would pass the capture budget
+    (CAPTURE_BUDGET_BYTES on a CPU; a share of the device's memory on a GPU)."""
+    if not modules:
+        return int(batch_tokens)
+    weight = modules[0].module.weight
+    budget = CAPTURE_BUDGET_BYTES
+    if weight.device.type == "cuda":
+        budget = torch.cuda.get_device_properties(weight.device).total_memory // CAPTURE_BUDGET_GPU_SHARE
     per_token = sum((m.shape[0] + m.shape[1]) * m.module.weight.element_size() for m in modules)
-    return max(1, min(int(batch_tokens), CAPTURE_BUDGET_BYTES // max(1, per_token)))
+    return max(1, min(int(batch_tokens), budget // max(1, per_token)))
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int, device: str | torch.device = "cpu") -> list[list[int]]:

@@ -34,3 +34,13 @@ def test_fit_index_score_and_query_on_cuda_equal_the_cpu(llama_dir, corpus_dir, 
     [answer] = QueryEngine(index_cpu, QueryArgs(top_k=3, candidates=10, device="cuda")).query(QUERIES)
     order = np.argsort(-here.scores[0])
     assert [d.seq_id for d in answer.positive] == here.seq_ids[order[:3]].tolist()
+
+
+def test_a_gpu_s_batch_budget_is_a_share_of_its_memory(llama_dir):
+    from influence.gradients import CAPTURE_BUDGET_GPU_SHARE, batch_token_budget
+    from influence.models import find_tracked_modules, load_model
+
+    modules = find_tracked_modules(load_model(llama_dir).to("cuda"))
+    per_token = sum((m.shape[0] + m.shape[1]) * m.module.weight.element_size() for m in modules)
+    share = torch.cuda.get_device_properties(0).total_memory // CAPTURE_BUDGET_GPU_SHARE
+    assert batch_token_budget(2048, modules) == min(2048, share // per_token)
