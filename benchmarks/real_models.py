@@ -321,6 +321,17 @@ def quick_models(work: Path, architectures: Sequence[str] = ("llama", "gemma3"))
     return models
 
 
+def quick_run(work: Path) -> Path:
+    """A tiny Llama's `QUICK` run in `<work>/runs/tiny-llama`, for the scripts that read a run's directory
+    (sketch_budget.py, exact_scan.py); an earlier call's run at the same commit is kept, another commit's redone."""
+    [(name, model_dir)] = quick_models(work, ("llama",)).items()
+    run = work / "runs" / name
+    log = run / "stages.json"
+    same_commit = log.is_file() and read_json(log)["identity"].get("commit") == common.git_commit()
+    run_model(name, model_dir.resolve(), QUICK, run, LocalExecutor(), resume=same_commit)
+    return run
+
+
 def markdown(result: dict) -> str:
     lines = ["| model | params | docs (sequences) | fit s | fit / bare | index s | index / bare | bytes/doc | query p50 | "
              "passes | re-ranked | recall@10 +/- | flagged incomplete +/- | 10th score / sketch noise +/- | fit vs Kronfluence |",

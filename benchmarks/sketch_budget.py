@@ -277,9 +277,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     facts = common.machine_facts()
     run, max_dim, workers = ns.run, ns.max_dim, ns.workers
     if ns.quick:
-        [(name, model_dir)] = real_models.quick_models(ns.work_dir, ("llama",)).items()
-        run, max_dim, workers = ns.work_dir / "runs" / name, 4096, 0
-        real_models.run_model(name, model_dir.resolve(), real_models.QUICK, run, LocalExecutor())
+        run, max_dim, workers = real_models.quick_run(ns.work_dir), 4096, 0
     elif run is None or not (run / "stages.json").is_file():
         parser.error(f"--run must be a real_models.py run directory (with stages.json); got {run}")
     result = budget(run.resolve(), ns.work_dir / "budget", max_dim, workers, ns.batch_tokens, ns.reuse_index)

@@ -175,7 +175,7 @@ class ScoreResult:
     scores: np.ndarray                   # (queries, n)
     per_module: Optional[np.ndarray]     # (modules, queries, n)
     per_token: Optional[list]            # [n] arrays (queries, tokens_n)
-    self_influence: np.ndarray           # (n,)
+    self_influence: Optional[np.ndarray]  # (n,), when asked for
     modules: list[str]
 
     def to_table(self, sequences: Optional[pa.Table] = None) -> pa.Table:
@@ -185,8 +185,9 @@ class ScoreResult:
             "query_id": np.repeat(np.asarray(self.query_ids, dtype=object), n),
             "seq_id": np.tile(self.seq_ids, q),
             "score": self.scores.reshape(-1),
-            "self_influence": np.tile(self.self_influence, q),
         }
+        if self.self_influence is not None:
+            columns["self_influence"] = np.tile(self.self_influence, q)
         if sequences is not None:
             for name in ("doc_id", "source", "lang"):
                 columns[name] = np.tile(sequences[name].to_numpy(zero_copy_only=False)[self.seq_ids], q)
@@ -224,13 +225,14 @@ def score_work(workspace: Workspace, work: ScoreWork, rows: TokenRows) -> dict:
     loaded, prepared, factors = _prepared(workspace, work)
     n, q = len(rows), len(work.queries)
     totals, per_module = np.zeros((q, n)), np.zeros((len(loaded.modules), q, n))
-    self_influence, tokens = np.zeros(n), [None] * n
+    self_influence, tokens = np.zeros(n) if work.args.self_influence else None, [None] * n
     for positions in plan_batches(rows.lengths, batch_token_budget(work.args.batch_tokens, loaded.modules), work.spec.device):
         batch = make_token_batch([rows.sequence(i) for i in positions], device=work.spec.device)
-        result = score_batch(loaded, prepared, batch, work.args.per_token, factors)
+        result = score_batch(loaded, prepared, batch, work.args.per_token, factors if work.args.self_influence else None)
         totals[:, positions] = result.total.double().cpu().numpy()
         per_module[:, :, positions] = result.per_module.double().cpu().numpy()
-        self_influence[positions] = result.self_influence.numpy()
+        if self_influence is not None:
+            self_influence[positions] = result.self_influence.numpy()
         if result.per_token is not None:
             lengths = batch.attention_mask.sum(1).tolist()
             for j, i in enumerate(positions):
@@ -245,8 +247,8 @@ def compute_scores(model_dir: Path | str, factors_dir: Path | str, corpus_dir: P
     """Score every training sequence (or those in `rows`) against every query in one pass over the corpus.
 
     The corpus may differ from the one the factors were fitted on (e.g. a fit on a sample), if it was cut by the same
-    tokenizer. Writes a Parquet table (query_id, seq_id, doc_id, source, lang, score, self_influence, breakdowns) to
-    `out_path` when given.
+    tokenizer. Writes a Parquet table (query_id, seq_id, doc_id, source, lang, score, breakdowns, and self_influence
+    with `args.self_influence`) to `out_path` when given.
     """
     model_dir, corpus_dir = require_model_dir(model_dir), Path(corpus_dir).resolve()
     if out_path is not None:
@@ -280,7 +282,8 @@ def compute_scores(model_dir: Path | str, factors_dir: Path | str, corpus_dir: P
         scores=np.concatenate([p["scores"] for p in ordered], axis=1),
         per_module=np.concatenate([p["per_module"] for p in ordered], axis=2) if args.per_module else None,
         per_token=[t for p in ordered for t in p["per_token"]] if args.per_token else None,
-        self_influence=np.concatenate([p["self_influence"] for p in ordered]), modules=info.module_names,
+        self_influence=np.concatenate([p["self_influence"] for p in ordered]) if args.self_influence else None,
+        modules=info.module_names,
     )
     if out_path is not None:
         write_parquet(Path(out_path), result.to_table(sequences))

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # scripts that build on another one's setup, and so share its work directory
-SHARED_SETUP = {"first_tier_scale": "query_latency"}
+SHARED_SETUP = {"first_tier_scale": "query_latency", "exact_scan": "sketch_budget"}
 
 
 @pytest.fixture(scope="session")

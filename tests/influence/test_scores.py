@@ -54,7 +54,8 @@ def factor_dirs(llama_dir, corpus_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", ["identity", "diagonal", "kfac", "ekfac"])
 def test_scores_match_dense_computation(strategy, factor_dirs, llama_dir, corpus_dir, tokenizer):
-    result = compute_scores(llama_dir, factor_dirs[strategy], corpus_dir, QUERIES, ScoreArgs(dtype="float64", progress=False, batch_tokens=100))
+    args = ScoreArgs(dtype="float64", progress=False, batch_tokens=100, self_influence=True)
+    result = compute_scores(llama_dir, factor_dirs[strategy], corpus_dir, QUERIES, args)
     expected, expected_self = dense_scores(llama_dir, factor_dirs[strategy], corpus_dir, QUERIES, tokenizer)
     np.testing.assert_allclose(result.scores, expected, rtol=1e-7, atol=1e-10)
     np.testing.assert_allclose(result.self_influence, expected_self, rtol=1e-7, atol=1e-10)
@@ -88,15 +89,27 @@ def test_query_rank_compression(factor_dirs, llama_dir, corpus_dir):
 
 def test_scores_parquet_has_one_row_per_pair(factor_dirs, llama_dir, corpus_dir, tmp_path):
     out = tmp_path / "scores.parquet"
-    result = compute_scores(llama_dir, factor_dirs["kfac"], corpus_dir, QUERIES, ScoreArgs(progress=False, per_token=True), out_path=out)
+    args = ScoreArgs(progress=False, per_token=True, self_influence=True)
+    result = compute_scores(llama_dir, factor_dirs["kfac"], corpus_dir, QUERIES, args, out_path=out)
     table = pq.read_table(out)
     n = result.scores.shape[1]
     assert table.num_rows == len(QUERIES) * n
     assert set(table.column_names) >= {"query_id", "seq_id", "doc_id", "source", "lang", "score", "self_influence", "module_scores", "token_scores"}
+    np.testing.assert_array_equal(table["self_influence"].to_numpy()[:n], result.self_influence)
     first = table.slice(n, 1).to_pylist()[0]  # second query, first sequence
     assert first["query_id"] == "cat"
     assert first["score"] == pytest.approx(result.scores[1, 0])
     assert sum(first["module_scores"]) == pytest.approx(first["score"], rel=1e-5, abs=1e-6)
+
+
+def test_self_influence_is_computed_only_when_asked(factor_dirs, llama_dir, corpus_dir, tmp_path):
+    # it rotates every token into the eigenbasis, so a plain scan skips it; asking for it changes no score
+    plain = compute_scores(llama_dir, factor_dirs["ekfac"], corpus_dir, QUERIES, ScoreArgs(progress=False), out_path=tmp_path / "plain.parquet")
+    asked = compute_scores(llama_dir, factor_dirs["ekfac"], corpus_dir, QUERIES, ScoreArgs(progress=False, self_influence=True))
+    assert plain.self_influence is None and (asked.self_influence > 0).all()
+    np.testing.assert_array_equal(plain.scores, asked.scores)
+    np.testing.assert_array_equal(plain.per_module, asked.per_module)
+    assert "self_influence" not in pq.read_schema(tmp_path / "plain.parquet").names
 
 
 def test_bad_queries_are_refused(factor_dirs, llama_dir, corpus_dir):
