@@ -7,7 +7,9 @@ negative documents hide in the sketch's noise: `sketch_budget.py`), and the audi
 rotated into the eigenbasis for ||W(z)||^2, which the index's doc table holds already) and `per_token`
 (`--per-token`). Every variant scores the same rows against the same queries, in this process at one thread; the
 rounds alternate the variants so that the machine's drift (tens of percent between hours here) falls on all of them,
-and the median round is kept. Each variant's largest difference from the plain scan's scores is recorded.
+and the median round is kept. Each call also pays a fixed part (the queries' gradients and their preconditioning,
+the factors' load), timed in each round as the plain scan of one row: a sequence's cost is the rest over the others,
+what a scan of a whole corpus pays per sequence. Each variant's largest difference from the plain scan's scores is recorded.
 
 It reads a `real_models.py` run's directory (`<work-dir>/runs/<model>`) that has finished its fit: its model, corpus,
 factors and queries.
@@ -64,12 +66,17 @@ def scan_costs(run: Path, num_sequences: int, rounds: int, batch_tokens: int) ->
     torch.set_num_threads(1)
     try:
         bare = common.bare_forward_backward(model_dir, sequences.slice(rows.start, len(rows)), batch_tokens, repeats=2)
-        seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        seconds: dict[str, list[float]] = {name: [] for name in ("fixed", *VARIANTS)}
         results = {}
         executor = LocalExecutor()  # one process: the model is loaded once, and the first round's load is not timed
+        one_row = range(rows.start, rows.start + 1)
         compute_scores(model_dir, factors, corpus, queries[:1], ScoreArgs(progress=False, batch_tokens=batch_tokens),
-                       executor=executor, rows=range(rows.start, rows.start + 1))
+                       executor=executor, rows=one_row)
         for _ in range(rounds):
+            with common.Timer() as timer:
+                compute_scores(model_dir, factors, corpus, queries, ScoreArgs(progress=False, batch_tokens=batch_tokens),
+                               executor=executor, rows=one_row)
+            seconds["fixed"].append(timer.seconds)
             for name, options in VARIANTS.items():
                 args = ScoreArgs(progress=False, batch_tokens=batch_tokens, **options)
                 with common.Timer() as timer:
@@ -79,23 +86,27 @@ def scan_costs(run: Path, num_sequences: int, rounds: int, batch_tokens: int) ->
         torch.set_num_threads(threads)
     plain = results["scores"].scores
     bare_per_sequence = bare["seconds"] / bare["sequences"]
+    fixed = float(np.median(seconds.pop("fixed")))
     variants = {}
     for name, times in seconds.items():
         median = float(np.median(times))
-        variants[name] = {"seconds": median, "rounds": times, "seconds_per_sequence": median / len(rows),
-                          "in_bare_passes_per_sequence": median / len(rows) / bare_per_sequence,
+        per_sequence = (median - fixed) / max(1, len(rows) - 1)
+        variants[name] = {"seconds": median, "rounds": times, "seconds_per_sequence": per_sequence,
+                          "in_bare_passes_per_sequence": per_sequence / bare_per_sequence,
                           # float32 sums in another order (per token): ~1e-6 of the largest score
                           "score_difference_from_plain": float(np.abs(results[name].scores - plain).max() / np.abs(plain).max())}
     return {"run": str(run), "model": identity["model"], "queries": len(queries), "sequences": len(rows),
             "rows": [rows.start, rows.stop], "tokens": int(sum(sequences.slice(rows.start, len(rows))["num_tokens"].to_pylist())),
-            "batch_tokens": batch_tokens, "bare": bare, "bare_seconds_per_sequence": bare_per_sequence, "variants": variants,
-            "self_influence_over_plain": variants["self_influence"]["seconds"] / variants["scores"]["seconds"]}
+            "batch_tokens": batch_tokens, "bare": bare, "bare_seconds_per_sequence": bare_per_sequence,
+            "fixed_seconds": fixed, "fixed_in_bare_passes": fixed / bare_per_sequence, "variants": variants,
+            "self_influence_over_plain": variants["self_influence"]["seconds_per_sequence"] / variants["scores"]["seconds_per_sequence"]}
 
 
 def markdown(result: dict) -> str:
     lines = [f"{result['model']}: {result['sequences']} sequences, {result['queries']} queries, one thread; a bare "
-             f"forward+backward pass {result['bare_seconds_per_sequence']:.3f} s per sequence", "",
-             "| scan | seconds (median of rounds) | per sequence | in bare passes per sequence | max difference from the plain scan's scores, relative to the largest |",
+             f"forward+backward pass {result['bare_seconds_per_sequence']:.3f} s per sequence; a scan's fixed part "
+             f"{result['fixed_seconds']:.1f} s ({result['fixed_in_bare_passes']:.0f} passes)", "",
+             "| scan | seconds (median of rounds) | per further sequence | in bare passes | max difference from the plain scan's scores, relative to the largest |",
              "|---|---|---|---|---|"]
     for name, v in result["variants"].items():
         lines.append(f"| {name} | {v['seconds']:.1f} | {v['seconds_per_sequence']:.3f} | {v['in_bare_passes_per_sequence']:.2f} | "
