@@ -58,7 +58,7 @@ import torch  # noqa: E402
 
 from influence.artifacts import write_json, write_parquet  # noqa: E402
 from influence.corpus import load_sequences, prepare_corpus, shard_rows, token_rows  # noqa: E402
-from influence.gradients import batch_token_budget, make_token_batch, plan_batches  # noqa: E402
+from influence.gradients import make_token_batch, plan_model_batches  # noqa: E402
 from influence.models import find_tracked_modules, load_model  # noqa: E402
 from influence.queries import Query  # noqa: E402
 from influence.stage import Executor, Pass, run_stage  # noqa: E402
@@ -412,9 +412,8 @@ def bare_work(workspace, shared: tuple[str, int], rows) -> dict[str, Any]:
     model_dir, batch_tokens = shared
     model = workspace.get(("bare-model", model_dir), lambda: _trainable_model(model_dir))
     # the index stage's batches: its budget is lowered for a large model by its tracked modules' captures (the MLPs)
-    budget = batch_token_budget(batch_tokens, find_tracked_modules(model))
     start, padded = time.perf_counter(), 0
-    for positions in plan_batches(rows.lengths, budget):
+    for positions in plan_model_batches(rows.lengths, batch_tokens, find_tracked_modules(model)):
         batch = make_token_batch([rows.sequence(i) for i in positions])
         labels = batch.input_ids.masked_fill(~batch.attention_mask, -100)
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(), labels=labels).loss.backward()

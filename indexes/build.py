@@ -31,7 +31,7 @@ from influence.constants import ARGS_NAME, FACTORS_NAME, MANIFEST_NAME
 from influence.corpus import TokenRows, load_sequences, require_fits_context, require_same_tokenizer, shard_rows, token_rows
 from influence.errors import InfluenceError
 from influence.factors import Factors, load_factors
-from influence.gradients import batch_token_budget, capture_module_io, make_token_batch, plan_batches
+from influence.gradients import capture_module_io, make_token_batch, plan_model_batches
 from influence.models import ModelInfo, ModelSpec, describe_model, load_model_context, model_identity, require_model_dir
 from influence.outputs import check_existing, prepare_output
 from influence.sketches import Sketcher
@@ -207,7 +207,7 @@ def sketch_work(workspace: Workspace, work: IndexWork, rows: TokenRows) -> dict:
     self_influence, grad_norm = np.zeros(n), np.zeros(n)
     refine = np.zeros((n, sketcher.whitened_dim), np.float16) if work.refine else None
     refine_scale = np.zeros(n, np.float32)
-    for positions in plan_batches(rows.lengths, batch_token_budget(work.batch_tokens, loaded.modules), work.spec.device):
+    for positions in plan_model_batches(rows.lengths, work.batch_tokens, loaded.modules):
         batch = make_token_batch([rows.sequence(i) for i in positions], device=work.spec.device)
         io, _ = capture_module_io(loaded.model, loaded.modules, batch)
         result = sketcher.sketch_io(io, whitened=work.refine)

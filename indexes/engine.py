@@ -39,7 +39,7 @@ from influence.corpus import load_sequences, require_same_tokenizer
 from influence.errors import InfluenceError
 from influence.explain import DocumentInfluence, QueryResult, layer_scores, token_texts
 from influence.factors import load_factors
-from influence.gradients import batch_token_budget, make_token_batch, plan_batches
+from influence.gradients import make_token_batch, plan_model_batches
 from influence.models import ModelSpec, context_length, load_model_context, load_tokenizer, model_identity, require_model_dir
 from influence.queries import Query, tokenize_query
 from influence.scores import Prepared, prepare_rotated_queries, rotated_query_gradients, score_batch
@@ -372,8 +372,7 @@ class QueryEngine:
         num_queries = (num_queries[0] if isinstance(num_queries, tuple) else num_queries).shape[0]
         scores, per_module = np.zeros((num_queries, len(seq_ids))), np.zeros((len(self.module_names), num_queries, len(seq_ids)))
         tokens: list = [None] * len(seq_ids)
-        budget = batch_token_budget(batch_tokens, self.loaded.modules)
-        for positions in plan_batches([len(ids) for ids in sequences], budget, self.args.device):
+        for positions in plan_model_batches([len(ids) for ids in sequences], batch_tokens, self.loaded.modules):
             batch = make_token_batch([sequences[i] for i in positions], device=self.args.device)
             result = score_batch(self.loaded, prepared, batch, per_token, pairs=None if pairs is None else [pairs[i] for i in positions])
             scores[:, positions] = result.total.double().cpu().numpy()

@@ -42,7 +42,7 @@ from influence.artifacts import (file_fingerprint, load_tensors, read_json, read
 from influence.corpus import TokenRows, load_sequences, require_fits_context, require_same_tokenizer, shard_rows, token_rows
 from influence.eigenbasis import eigendecomposition_pass, load_basis, packed_symmetric
 from influence.errors import InfluenceError
-from influence.gradients import batch_token_budget, capture_module_io, make_token_batch, plan_batches, rotated_gradient_blocks
+from influence.gradients import capture_module_io, make_token_batch, plan_model_batches, rotated_gradient_blocks
 from influence.models import ModelInfo, ModelSpec, describe_model, load_model_context, model_identity, require_model_dir
 from influence.outputs import check_existing, prepare_output
 from influence.stage import Executor, Pass, Workspace, run_stage
@@ -271,7 +271,7 @@ def _save_shard(plan: FitPlan, pattern: str, shard: int, sums: dict[str, np.ndar
 
 def _token_batches(workspace: Workspace, work: FitWork, rows: TokenRows):
     loaded = workspace.get(("model", work.spec), partial(load_model_context, work.spec))
-    for positions in plan_batches(rows.lengths, batch_token_budget(work.batch_tokens, loaded.modules), work.spec.device):
+    for positions in plan_model_batches(rows.lengths, work.batch_tokens, loaded.modules):
         yield make_token_batch([rows.sequence(i) for i in positions], seq_ids=[int(rows.seq_ids[i]) for i in positions],
                                device=work.spec.device)
 

@@ -291,6 +291,13 @@ def batch_token_budget(batch_tokens: int, modules: Sequence[TrackedModule]) -> i
     return max(1, min(int(batch_tokens), budget // max(1, per_token)))
 
 
+def plan_model_batches(lengths: Sequence[int], batch_tokens: int, modules: Sequence[TrackedModule]) -> list[list[int]]:
+    """`plan_batches` for a model whose `modules` are captured: `batch_tokens` lowered to the capture budget
+    (`batch_token_budget`), on the device their weights are on. Every stage that captures a model plans with this."""
+    device = modules[0].module.weight.device if modules else "cpu"
+    return plan_batches(lengths, batch_token_budget(batch_tokens, modules), device)
+
+
 def plan_batches(lengths: Sequence[int], batch_tokens: int, device: str | torch.device = "cpu") -> list[list[int]]:
     """Positions of sequences grouped into forward/backward batches of at most `batch_tokens` padded tokens.
 

@@ -28,7 +28,7 @@ from influence.artifacts import write_parquet
 from influence.corpus import TokenRows, load_sequences, require_fits_context, require_same_tokenizer, shard_rows, token_rows
 from influence.errors import InfluenceError
 from influence.factors import Factors, load_factors
-from influence.gradients import (TokenBatch, batch_token_budget, capture_module_io, make_token_batch, plan_batches, rotated_gradients,
+from influence.gradients import (TokenBatch, capture_module_io, make_token_batch, plan_model_batches, rotated_gradients,
                                  sequence_gradients)
 from influence.models import LoadedModel, ModelSpec, describe_model, load_model_context, load_tokenizer, model_identity, require_model_dir
 from influence.outputs import check_output_file
@@ -226,7 +226,7 @@ def score_work(workspace: Workspace, work: ScoreWork, rows: TokenRows) -> dict:
     n, q = len(rows), len(work.queries)
     totals, per_module = np.zeros((q, n)), np.zeros((len(loaded.modules), q, n))
     self_influence, tokens = np.zeros(n) if work.args.self_influence else None, [None] * n
-    for positions in plan_batches(rows.lengths, batch_token_budget(work.args.batch_tokens, loaded.modules), work.spec.device):
+    for positions in plan_model_batches(rows.lengths, work.args.batch_tokens, loaded.modules):
         batch = make_token_batch([rows.sequence(i) for i in positions], device=work.spec.device)
         result = score_batch(loaded, prepared, batch, work.args.per_token, factors if work.args.self_influence else None)
         totals[:, positions] = result.total.double().cpu().numpy()

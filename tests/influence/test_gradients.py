@@ -9,7 +9,7 @@ import torch
 from influence import gradients
 from influence.corpus import chunk_token_ids
 from influence.gradients import (CAPTURE_BUDGET_BYTES, CPU_BATCH_OVERHEAD_TOKENS, batch_token_budget, capture_module_io, label_chunks, make_token_batch, output_layer_split,
-                                 plan_batches, rotated_gradient_blocks, rotated_gradients, sequence_gradients)
+                                 plan_batches, plan_model_batches, rotated_gradient_blocks, rotated_gradients, sequence_gradients)
 from influence.models import TrackedModule, find_tracked_modules, load_model
 from jobs.demo.tiny import build_model
 from tests.conftest import TEXTS
@@ -199,3 +199,13 @@ def test_batch_token_budget_keeps_a_large_model_s_batch_within_the_capture_budge
     assert batch_token_budget(2048, _mlp_modules(30, 576, 1536, torch.float64)) == 706
     # one module larger than the whole budget still gets batches of one token's worth (a sequence alone)
     assert batch_token_budget(2048, _mlp_modules(1, 1 << 28, 1 << 28)) == 1
+
+
+def test_a_model_s_batches_are_planned_within_its_capture_budget(llama_dir):
+    # what every stage plans with: the tiny model's batches as asked, SmolLM2's cut at its budget of 1,412 tokens
+    lengths = [64] * 60
+    tiny = find_tracked_modules(load_model(llama_dir))
+    assert plan_model_batches(lengths, 2048, tiny) == plan_batches(lengths, 2048)
+    smollm2 = _mlp_modules(30, 576, 1536)
+    assert plan_model_batches(lengths, 2048, smollm2) == plan_batches(lengths, 1412, "meta")
+    assert max(len(b) for b in plan_model_batches(lengths, 2048, smollm2)) * 64 <= 1412
