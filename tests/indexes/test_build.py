@@ -37,7 +37,7 @@ def query_sketches(llama_dir, ekfac_dir, dim):
 def test_doc_table_holds_exact_self_influence(llama_dir, ekfac_dir, corpus_dir, tmp_path):
     index_dir = build(llama_dir, ekfac_dir, corpus_dir, tmp_path, shard_size=5)
     docs = load_doc_table(index_dir)
-    exact = compute_scores(llama_dir, ekfac_dir, corpus_dir, QUERIES, ScoreArgs(progress=False))
+    exact = compute_scores(llama_dir, ekfac_dir, corpus_dir, QUERIES, ScoreArgs(progress=False, self_influence=True))
     assert docs["seq_id"].to_pylist() == exact.seq_ids.tolist()
     np.testing.assert_allclose(docs["self_influence"].to_numpy(), exact.self_influence, rtol=1e-4)
     assert set(docs.column_names) >= {"index_id", "doc_id", "source", "lang", "num_tokens", "grad_norm", "self_influence", "sketch_scale"}
