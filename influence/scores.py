@@ -138,12 +138,12 @@ def _module_scores(prepared: Prepared, a: torch.Tensor, s: torch.Tensor, per_tok
     if prepared.shape[0] == 1:
         # one query: through its per-token scores, never forming the (batch, d_out, d_in) gradients, whose memory
         # traffic made this 15% (32 tokens) to 40% (64 tokens) slower on SmolLM2's MLPs; from two queries on, the
-        # gradients formed once serve them all and the flat GEMM below wins
+        # gradients formed once serve them all and the GEMMs below win
         return ((s @ prepared[0]) * a).sum(dim=(-1, -2))[None]
     # each sequence's gradient formed once serves every query, a few output rows at a time (on a CPU): each block is
-    # still in the cache when the queries' GEMM reads it; formed whole, the gradients' memory traffic made this 2-3.5x
-    # slower on SmolLM2's MLPs (three queries, 16-40 sequences a batch). One GEMM per block: torch.einsum takes a
-    # batched path here, twice as slow on CPU
+    # still in the cache when the queries' GEMM reads it; formed whole, their memory traffic made this part of a scan
+    # 1.9x slower on SmolLM2 and 1.4x on Gemma 3 (three queries; README, "What an exact scan costs"). One GEMM per
+    # block: torch.einsum takes a batched path here, twice as slow on CPU
     scores = torch.zeros(prepared.shape[0], a.shape[0], dtype=a.dtype, device=a.device)
     for rows, block in rotated_gradient_blocks(a, s, None, None):
         scores += prepared[:, rows].flatten(1) @ block.flatten(1).T
