@@ -37,9 +37,10 @@ def whiten(gradient: torch.Tensor, factors: ModuleFactors) -> torch.Tensor:
     return rotate(gradient, factors) / (factors.eigenvalues + factors.damping).sqrt()
 
 
-def self_influence_from_rotated(rotated: torch.Tensor, factors: ModuleFactors) -> torch.Tensor:
-    """g^T (F + lambda I)^-1 g per sequence from Q_S^T G Q_A of shape (batch, d_out, d_in)."""
-    return (rotated.pow(2) / (factors.eigenvalues + factors.damping)).sum(dim=(-1, -2))
+def self_influence_from_rotated(rotated: torch.Tensor, factors: ModuleFactors, rows: slice = slice(None)) -> torch.Tensor:
+    """g^T (F + lambda I)^-1 g per sequence from Q_S^T G Q_A of shape (batch, d_out, d_in), or its share from the
+    output `rows` of it (batch, len(rows), d_in)."""
+    return (rotated.pow(2) / (factors.eigenvalues[rows] + factors.damping)).sum(dim=(-1, -2))
 
 
 def low_rank(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

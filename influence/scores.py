@@ -113,8 +113,11 @@ def score_batch(loaded: LoadedModel, prepared: dict[str, Prepared], batch: Token
             contribution = contribution.sum(-1)
         module_scores.append(contribution)
         if factors is not None:
+            # a few rows of the rotated gradients at a time, as the index's sketcher forms them: never the whole
+            # (batch, d_out, d_in) tensor
             module = factors.modules[name]
-            self_scores += self_influence_from_rotated(rotated_gradients(a, s, module.q_a, module.q_s), module).double().cpu()
+            for rows, block in rotated_gradient_blocks(a, s, module.q_a, module.q_s):
+                self_scores += self_influence_from_rotated(block, module, rows).double().cpu()
     per_module = torch.stack(module_scores)  # (modules, queries, batch)
     if pairs is not None:
         unscored = torch.ones(per_module.shape[1:], dtype=torch.bool)  # (queries, batch)
