@@ -91,9 +91,14 @@ class ExactScores:
         return held
 
 
-def incomplete_signs(pools: tuple[CandidatePool, CandidatePool], exact: np.ndarray, top_k: int) -> tuple[str, ...]:
+def incomplete_signs(pools: tuple[CandidatePool, CandidatePool], exact: np.ndarray, top_k: int,
+                     corpus_size: int) -> tuple[str, ...]:
     """The signs whose top k a document outside the candidates could plausibly enter (`CandidatePool.beyond` reaches
-    the k-th best exact score of the sign; any reaches when fewer than k were scored)."""
+    the k-th best exact score of the sign; any reaches when fewer than k were scored). None when the two pools together
+    brought every one of the corpus's `corpus_size` sequences to an exact score: a corpus under twice the candidates
+    per sign is scanned whole, though each pool alone leaves some of it beyond."""
+    if np.count_nonzero(~np.isnan(exact)) >= corpus_size:
+        return ()
     signs = []
     for sign, direction, pool in (("+", 1.0, pools[0]), ("-", -1.0, pools[1])):
         if pool.beyond is None:

@@ -204,7 +204,7 @@ class QueryEngine:
             completion = token_texts(self.tokenizer, tokenized[qi].completion_ids)
             scored_here = int(np.count_nonzero(~np.isnan(scored.scores[qi])))  # sequences scored exactly for this query
             results.append(QueryResult(query, completion, documents, args.generator, scored_here, dict(seconds),
-                                       refined=refined_count(pools[qi]), incomplete=incomplete_signs(pools[qi], scored.scores[qi], args.top_k)))
+                                       refined=refined_count(pools[qi]), incomplete=incomplete_signs(pools[qi], scored.scores[qi], args.top_k, len(self.seq_ids))))
             if results[-1].incomplete:
                 LOG.warning("query %s: its top %d (%s) may miss documents the sketch ranked beyond the %d candidates per sign "
                             "(the sketch's noise is wider than the gap to the k-th exact score); raise --candidates, or score "

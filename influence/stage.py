@@ -169,7 +169,8 @@ def run_stage(name: str, passes: Iterable[Pass], executor: Optional[Executor] = 
         if step.tasks:
             total = sum(step.sizes) if step.sizes is not None else len(step.tasks)
             size_of = dict(zip(map(_task_key, step.tasks), step.sizes)) if step.sizes is not None else {}
-            with tqdm(total=total, desc=f"{name}: {step.name}", unit=step.unit if step.sizes is not None else "task",
+            label = name if step.name == name else f"{name}: {step.name}"  # a one-pass stage is named once
+            with tqdm(total=total, desc=label, unit=step.unit if step.sizes is not None else "task",
                       disable=not progress) as bar:
                 for task, result in executor.map(step):
                     step.save(task, result)

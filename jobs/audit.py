@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from indexes.store import load_doc_table
 from influence.arguments import ScoreArgs
-from influence.artifacts import read_manifest, require_same, resolve_reference, write_json
+from influence.artifacts import read_json, read_manifest, require_same, resolve_reference, write_json
 from influence.corpus import load_sequences
 from influence.models import model_identity, require_model_dir
 from influence.outputs import prepare_output
@@ -133,3 +133,13 @@ def run_audit(index_dir: Path | str, queries: Sequence[Query], out_dir: Path | s
         write_json(out_dir / "summary.json", summary)
         write_text(out_dir / "report.html", render_audit_html(tables, summary))
     return out_dir
+
+
+def read_audit(out_dir: Path | str) -> tuple[dict[str, pa.Table], dict]:
+    """An audit's tables and summary as `run_audit` wrote them."""
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    tables = {path.stem: pq.read_table(path) for path in sorted(out_dir.glob("*.parquet"))}
+    return tables, read_json(out_dir / "summary.json")
+

@@ -72,6 +72,8 @@ def compare_options(parser):
     parser.add_argument("--device", default="cpu", help="torch device of the workers")
     parser.add_argument("--dtype", default="float32", help="model dtype while querying")
     add_run_options(parser)
+    # a real model's run answers its queries in minutes: a bar of the runs answered unless asked off
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 
 def compare_run(ns):
@@ -86,7 +88,7 @@ def compare_run(ns):
     planned = executor(ns, args.device)
     check_output(ns.out, "compare", {f"run {name}": path for name, path in runs.items()}, needed_bytes=2**20 * (1 + len(runs)))
     with planned as runner:
-        out = run_compare(runs, queries, ns.out, args, runner)
+        out = run_compare(runs, queries, ns.out, args, runner, progress=ns.progress)
     print(f"compare tables and plots written to {shown(out)}/")
     return 0
 
@@ -103,16 +105,19 @@ def audit_options(parser):
     parser.add_argument("--device", default="cpu", help="torch device of the workers")
     parser.add_argument("--dtype", default="float32", help="model dtype while scoring")
     add_run_options(parser)
+    # the queries' exact scan of a real model's corpus takes minutes to hours: its bar is on unless asked off
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 
 def audit_run(ns):
     from influence.outputs import check_output
     from influence.queries import load_queries
-    from jobs.audit import run_audit
+    from jobs.audit import read_audit, run_audit
+    from jobs.report import render_audit_terminal
 
     check_positive_int("--top", ns.top)
     check_positive_int("--top-k", ns.top_k)
-    args = ScoreArgs(progress=False, device=ns.device, dtype=ns.dtype)
+    args = ScoreArgs(progress=ns.progress, device=ns.device, dtype=ns.dtype)
     queries = load_queries(ns.queries) if ns.queries else []
     planned = executor(ns, args.device)
     model = model_dir(ns.model) if ns.model is not None else None
@@ -120,7 +125,8 @@ def audit_run(ns):
                  needed_bytes=2**20 * (1 + len(queries)))
     with planned as runner:
         out = run_audit(ns.index, queries, ns.out, ns.top, ns.top_k, args, runner, model, ns.factors, ns.corpus)
-    print(f"audit written to {shown(out)}/ (report.html, *.csv, *.parquet)")
+    print(render_audit_terminal(*read_audit(out)))
+    print(f"\naudit written to {shown(out)}/ (report.html, *.csv, *.parquet)")
     return 0
 
 

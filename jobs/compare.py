@@ -312,7 +312,7 @@ def plot_crosslingual(table: pa.Table, value: str, path: Path, title: str, ylabe
 
 def run_compare(runs: dict[str, Path | str], queries: Sequence[Query], out_dir: Path | str, args: QueryArgs = QueryArgs(),
                 executor: Optional[Executor] = None, series: Optional[dict[str, str]] = None,
-                align: Alignment = align_by_doc_id) -> Path:
+                align: Alignment = align_by_doc_id, progress: bool = False) -> Path:
     """Query every run (one task each, on `executor`); write the tables (Parquet and CSV), plots and summary.json.
 
     Args:
@@ -320,6 +320,7 @@ def run_compare(runs: dict[str, Path | str], queries: Sequence[Query], out_dir: 
         queries: translations share a `group` and differ in `lang`; the English member is each group's reference.
         series: {run name: series label} (default: every run in one series, "runs").
         align: (doc_id, lang) -> alignment group or None; a module-level function, since it travels to workers.
+        progress: a bar of the runs answered (each run's queries are one task on a worker).
     """
     if not runs:
         raise InfluenceError("compare needs at least one run: --run NAME=INDEX_DIR")
@@ -336,7 +337,7 @@ def run_compare(runs: dict[str, Path | str], queries: Sequence[Query], out_dir: 
         names = list(runs)
         step = Pass("runs", names, compare_work, save=outputs.__setitem__, shared=args, shared_key=("compare", args.dtype, args.device),
                     payload=lambda name: (name, str(runs[name]), tuple(queries), align), unit="run")
-        run_stage("compare", [step], executor, progress=False)
+        run_stage("compare", [step], executor, progress=progress)
         tables = compare_tables([outputs[name] for name in names], queries, series)
         write_tables(out_dir, tables)
         overlap = tables["overlap"]

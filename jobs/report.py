@@ -202,6 +202,29 @@ def _table_html(table: pa.Table, columns: Sequence[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def render_audit_terminal(tables: dict[str, pa.Table], summary: dict, top: int = 5) -> str:
+    """What the audit found, in a few lines: the strongest self-influence outliers and, with queries, each query's
+    influence by source and the documents in most queries' top-k (the whole tables are in the CSV, Parquet and HTML)."""
+    q = summary["self_influence"]["quantiles"]
+    lines = [f"self-influence over {summary['self_influence']['count']} sequences: median {q['median']:.3g}, q99 {q['q99']:.3g}, "
+             f"max {q['max']:.3g}; the strongest outliers (robust z):"]
+    for row in tables["outliers"].slice(0, top).to_pylist():
+        lines.append(f"  {row['robust_z']:>7.1f}  {terminal_text(row['doc_id'])[:24]:<24} {terminal_text(row['snippet'])[:80]}")
+    if "by_source" in tables:
+        lines.append("net influence by source (sum of exact scores over the source's sequences):")
+        by_query: dict[str, list] = {}
+        for row in tables["by_source"].to_pylist():
+            by_query.setdefault(row["query_id"], []).append(row)
+        for query_id, rows in by_query.items():
+            rows = sorted(rows, key=lambda r: -abs(r["net"]))[:top]
+            lines.append(f"  {terminal_text(query_id)[:24]:<24} " + ", ".join(f"{terminal_text(r['source'])} {r['net']:+.3g}" for r in rows))
+    if "dominant" in tables and tables["dominant"].num_rows:
+        lines.append("documents in the most queries' top-k (most positive):")
+        for row in tables["dominant"].slice(0, top).to_pylist():
+            lines.append(f"  {row['queries_in_top_k']:>4}  {terminal_text(row['doc_id'])[:24]:<24} {terminal_text(row['snippet'])[:80]}")
+    return "\n".join(lines)
+
+
 def render_audit_html(tables: dict[str, pa.Table], summary: dict) -> str:
     q = summary["self_influence"]["quantiles"]
     parts = [f"<h1>Dataset audit</h1><p>{summary['self_influence']['count']} sequences; self-influence median {q['median']:.3g}, "

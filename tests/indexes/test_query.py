@@ -211,8 +211,11 @@ def test_a_top_k_that_documents_beyond_the_candidates_could_enter_is_flagged(eng
     assert wide[0].incomplete == ("+", "-") and wide[0].to_dict()["incomplete"] == ["+", "-"]
     assert "raise --candidates" in caplog.text
     every = QueryArgs(top_k=3, candidates=len(engine.seq_ids), stop_margin=1e9)  # every document is a candidate
-    for args in (every, QueryArgs(top_k=3, generator="exact")):                 # or a full scan: nothing lies beyond
-        assert engine.query(QUERIES[:1], args)[0].incomplete == (), args
+    # or each sign's pool holds over half the corpus, so that both together bring all of it to an exact score
+    halves = QueryArgs(top_k=3, candidates=len(engine.seq_ids) // 2 + 1, stop_margin=1e9)
+    for args in (every, QueryArgs(top_k=3, generator="exact"), halves):       # or a full scan: nothing lies beyond
+        answer = engine.query(QUERIES[:1], args)[0]
+        assert answer.num_candidates == len(engine.seq_ids) and answer.incomplete == (), args
 
 
 def test_stop_margin_must_be_non_negative():

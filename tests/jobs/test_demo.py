@@ -49,7 +49,7 @@ def test_demo_command_reports_the_shutdown_query_in_three_languages(demo, capsys
     assert english_top == exact_top
 
 
-def test_compare_and_audit_commands(demo, tmp_path):
+def test_compare_and_audit_commands(demo, tmp_path, capsys):
     queries = tmp_path / "queries.jsonl"
     queries.write_text("".join(json.dumps({"query_id": q.query_id, "prompt": q.prompt, "completion": q.completion, "lang": q.lang,
                                            "group": q.group}, ensure_ascii=False) + "\n" for q in shutdown_queries()))
@@ -57,13 +57,25 @@ def test_compare_and_audit_commands(demo, tmp_path):
     assert main(["compare", *runs, "--queries", str(queries), "--out", str(tmp_path / "compare"), "--in-process", "--top-k", "5"]) == 0
     top = pq.read_table(tmp_path / "compare" / "top_k.parquet")
     assert top.num_rows == 3 * 3 * 5 and set(top["run"].to_pylist()) == set(demo.indexes)
-    assert main(["audit", "--index", str(demo.indexes["large"]), "--queries", str(queries), "--out", str(tmp_path / "audit"), "--in-process"]) == 0
+    capsys.readouterr()
+    assert main(["audit", "--index", str(demo.indexes["large"]), "--queries", str(queries), "--out", str(tmp_path / "audit"), "--in-process",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr()
     by_lang = pq.read_table(tmp_path / "audit" / "by_lang.parquet").to_pylist()
     assert {r["lang"] for r in by_lang} == {"en", "ko", "tr"} and {r["query_id"] for r in by_lang} == {q.query_id for q in shutdown_queries()}
     outliers = pq.read_table(tmp_path / "audit" / "outliers.parquet")
     values = outliers["audit_value"].to_pylist()
     assert values == sorted(values, reverse=True) and outliers["snippet"][0].as_py()
     assert "Self-influence outliers" in (tmp_path / "audit" / "report.html").read_text()
+    # the terminal says what the tables hold: the strongest outliers, the sources' net influence per query, and the
+    # documents in most queries' top-k, each as the tables have it
+    assert outliers["doc_id"][0].as_py() in printed.out and f"{outliers['robust_z'][0].as_py():>7.1f}" in printed.out
+    by_source = pq.read_table(tmp_path / "audit" / "by_source.parquet").to_pylist()
+    strongest = max((r for r in by_source if r["query_id"] == "shutdown-en"), key=lambda r: abs(r["net"]))
+    assert f"{strongest['source']} {strongest['net']:+.3g}" in printed.out
+    dominant = pq.read_table(tmp_path / "audit" / "dominant.parquet")
+    assert dominant["doc_id"][0].as_py() in printed.out.split("top-k (most positive):")[1]
+    assert "\r" not in printed.err  # --no-progress: no bar
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
