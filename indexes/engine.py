@@ -206,10 +206,14 @@ class QueryEngine:
             results.append(QueryResult(query, completion, documents, args.generator, scored_here, dict(seconds),
                                        refined=refined_count(pools[qi]), incomplete=incomplete_signs(pools[qi], scored.scores[qi], args.top_k, len(self.seq_ids))))
             if results[-1].incomplete:
+                # the hybrid is the cheap remedy where the query shares words with its documents: on the real models it
+                # found every positive top-10 document the default sketch missed (README, "How many bytes ...")
+                hybrid = ", or `--generator hybrid` (also re-ranks the sequences sharing the most words with the query)" \
+                    if args.generator == "index" else ""
                 LOG.warning("query %s: its top %d (%s) may miss documents the sketch ranked beyond the %d candidates per sign "
-                            "(the sketch's noise is wider than the gap to the k-th exact score); raise --candidates, or score "
+                            "(the sketch's noise is wider than the gap to the k-th exact score); raise --candidates%s, or score "
                             "every document exactly with `influence score`", query.query_id, args.top_k,
-                            " and ".join(results[-1].incomplete), len(pools[qi][0].seq_ids))
+                            " and ".join(results[-1].incomplete), len(pools[qi][1].seq_ids), hybrid)  # [1]: no text candidates
         return results
 
     def _sketch_scores(self, sketch: np.ndarray, seq_ids: np.ndarray) -> np.ndarray:

@@ -209,7 +209,7 @@ def test_a_top_k_that_documents_beyond_the_candidates_could_enter_is_flagged(eng
     with caplog.at_level("WARNING", logger="indexes.engine"):
         wide = engine.query(QUERIES[:1], QueryArgs(top_k=3, candidates=3, stop_margin=1e9))
     assert wide[0].incomplete == ("+", "-") and wide[0].to_dict()["incomplete"] == ["+", "-"]
-    assert "raise --candidates" in caplog.text
+    assert "raise --candidates, or `--generator hybrid`" in caplog.text and "beyond the 3 candidates per sign" in caplog.text
     every = QueryArgs(top_k=3, candidates=len(engine.seq_ids), stop_margin=1e9)  # every document is a candidate
     # or each sign's pool holds over half the corpus, so that both together bring all of it to an exact score
     halves = QueryArgs(top_k=3, candidates=len(engine.seq_ids) // 2 + 1, stop_margin=1e9)
