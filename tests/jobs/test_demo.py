@@ -76,6 +76,12 @@ def test_compare_and_audit_commands(demo, tmp_path, capsys):
     dominant = pq.read_table(tmp_path / "audit" / "dominant.parquet")
     assert dominant["doc_id"][0].as_py() in printed.out.split("top-k (most positive):")[1]
     assert "\r" not in printed.err  # --no-progress: no bar
+    # audited again without queries into the same directory: the query tables of the first audit go, not left to
+    # pass for this one's
+    assert main(["audit", "--index", str(demo.indexes["large"]), "--out", str(tmp_path / "audit"), "--in-process", "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert not [p.name for p in (tmp_path / "audit").iterdir() if p.stem in ("by_source", "by_lang", "dominant")]
+    assert "by source" not in printed.out and outliers["doc_id"][0].as_py() in printed.out
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
