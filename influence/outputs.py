@@ -185,12 +185,15 @@ def _entries(directory: Path) -> dict[str, tuple]:
 
 
 @contextmanager
-def prepare_output(out: Path, kind: str, inputs: Mapping[str, Optional[Path]], needed_bytes: int = 0) -> Iterator[Path]:
+def prepare_output(out: Path, kind: str, inputs: Mapping[str, Optional[Path]], needed_bytes: int = 0,
+                   replaces: bool = False) -> Iterator[Path]:
     """`check_output`, then create `out` and hold its lock while the block writes.
 
     An attempt that fails leaves nothing it wrote but what a re-run resumes from (the shards of a fit or an index, with
     the settings they were made with): every other file it created or replaced is removed, and a directory it created
-    and left empty goes too.
+    and left empty goes too. With `replaces` (a report whose files depend on its inputs: query results, an audit, a
+    comparison), an attempt that succeeds removes what an earlier one wrote and this one did not, which would
+    otherwise pass for its own.
     """
     out = Path(out).resolve()
     check_output(out, kind, inputs, needed_bytes)
@@ -204,9 +207,24 @@ def prepare_output(out: Path, kind: str, inputs: Mapping[str, Optional[Path]], n
             except BaseException:
                 _remove_partial(out, before)
                 raise
+            if replaces:
+                _remove_stale(out, before)
     finally:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
+
+
+def _remove_stale(out: Path, before: dict[str, tuple]) -> None:
+    """Remove the entries of `out` that a successful attempt found there and left as they were (atomic writes replace
+    an entry: another inode)."""
+    after = _entries(out)
+    for name, entry in before.items():
+        if name != LOCK_NAME and after.get(name) == entry:
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _remove_partial(out: Path, before: dict[str, tuple]) -> None:

@@ -29,9 +29,6 @@ from jobs.report import render_audit_html, write_tables, write_text
 
 LOG = logging.getLogger(__name__)
 
-#: The tables an audit writes only when given queries.
-QUERY_TABLES = frozenset({"by_source", "by_lang", "dominant"})
-
 
 def self_influence_summary(docs: pa.Table) -> dict:
     values = docs["self_influence"].to_numpy()
@@ -116,7 +113,7 @@ def run_audit(index_dir: Path | str, queries: Sequence[Query], out_dir: Path | s
     require_same("corpus", manifest["corpus_fingerprint"], corpus_manifest["corpus_fingerprint"], index_dir,
                  "pass the corpus directory the index was built from (--corpus)")
     inputs = {"index": index_dir, "model": Path(model_dir), "factors": Path(factors_dir), "corpus": Path(corpus_dir)}
-    with prepare_output(Path(out_dir), "audit", inputs) as out_dir:
+    with prepare_output(Path(out_dir), "audit", inputs, replaces=True) as out_dir:
         tables = {
             "outliers": attach_snippets(self_influence_outliers(docs, top), sequences),
             "outliers_per_token": attach_snippets(self_influence_outliers(docs, top, per_token=True), sequences),
@@ -131,9 +128,6 @@ def run_audit(index_dir: Path | str, queries: Sequence[Query], out_dir: Path | s
             tables["by_lang"] = influence_by_group(scores, np.asarray(rows["lang"].to_pylist()), query_ids, "lang")
             tables["dominant"] = attach_snippets(dominant_documents(scores, seq_ids, top_k).slice(0, top), sequences)
         write_tables(out_dir, tables)
-        for name in QUERY_TABLES - set(tables):  # a previous audit's, with queries: not this one's
-            for suffix in (".parquet", ".csv"):
-                (out_dir / f"{name}{suffix}").unlink(missing_ok=True)
         plot_histogram(docs["self_influence"].to_numpy(), out_dir / "self_influence.png", "Self-influence of every sequence",
                        "self-influence")
         write_json(out_dir / "summary.json", summary)

@@ -332,7 +332,7 @@ def run_compare(runs: dict[str, Path | str], queries: Sequence[Query], out_dir: 
     runs = {name: Path(index_dir).resolve() for name, index_dir in runs.items()}
     for index_dir in runs.values():
         read_manifest(index_dir, "index")
-    with prepare_output(Path(out_dir), "compare", {f"run {name}": path for name, path in runs.items()}) as out_dir:
+    with prepare_output(Path(out_dir), "compare", {f"run {name}": path for name, path in runs.items()}, replaces=True) as out_dir:
         outputs: dict[str, dict] = {}
         names = list(runs)
         step = Pass("runs", names, compare_work, save=outputs.__setitem__, shared=args, shared_key=("compare", args.dtype, args.device),

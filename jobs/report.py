@@ -170,7 +170,7 @@ pre.tokens{white-space:pre-wrap;flex:1;font-size:.9em;margin:.3em 0}.note{color:
 def save_results(results: Sequence[QueryResult], out_dir: Path | str) -> Path:
     """Write results.json, results.parquet and report.html into `out_dir` (atomically, each)."""
     results = [signed(r) for r in results]
-    with prepare_output(Path(out_dir), "query", {}) as out_dir:
+    with prepare_output(Path(out_dir), "query", {}, replaces=True) as out_dir:
         write_text(out_dir / RESULTS_JSON, json.dumps([r.to_dict() for r in results], indent=1, ensure_ascii=False))
         write_parquet(out_dir / RESULTS_PARQUET, results_table(results))
         write_text(out_dir / REPORT_HTML, render_html(results))

@@ -57,6 +57,15 @@ def test_compare_and_audit_commands(demo, tmp_path, capsys):
     assert main(["compare", *runs, "--queries", str(queries), "--out", str(tmp_path / "compare"), "--in-process", "--top-k", "5"]) == 0
     top = pq.read_table(tmp_path / "compare" / "top_k.parquet")
     assert top.num_rows == 3 * 3 * 5 and set(top["run"].to_pylist()) == set(demo.indexes)
+    assert (tmp_path / "compare" / "jaccard_vs_size.png").exists()
+    # compared again with the English query alone: no translation, so no plot of translations, and the first
+    # comparison's is not left to pass for this one's
+    english = tmp_path / "english.jsonl"
+    english.write_text(queries.read_text().splitlines()[0] + "\n")
+    assert main(["compare", *runs, "--queries", str(english), "--out", str(tmp_path / "compare"), "--in-process", "--top-k", "5",
+                 "--no-progress"]) == 0
+    assert not (tmp_path / "compare" / "jaccard_vs_size.png").exists()
+    assert pq.read_table(tmp_path / "compare" / "top_k.parquet").num_rows == 3 * 5
     capsys.readouterr()
     assert main(["audit", "--index", str(demo.indexes["large"]), "--queries", str(queries), "--out", str(tmp_path / "audit"), "--in-process",
                  "--no-progress"]) == 0
