@@ -192,7 +192,8 @@ def index_passes(plan: IndexPlan, executor: Optional[Executor] = None):
     start = time.perf_counter()
     yield Pass("sketch", pending, sketch_work, save=partial(_save_shard, plan), reduce=partial(_finish, plan, start, executor),
                payload=lambda k: token_rows(plan.sequences, plan.rows(k)), shared=work, shared_key=("index", key, plan.spec),
-               sizes=[len(plan.rows(k)) for k in pending])
+               sizes=[len(plan.rows(k)) for k in pending],
+               done=sum(len(plan.rows(k)) for k in set(range(plan.num_shards)) - set(pending)))
 
 
 def sketch_work(workspace: Workspace, work: IndexWork, rows: TokenRows) -> dict:

@@ -65,7 +65,7 @@ def add_blocks(index: faiss.Index, blocks: Sequence, block: Callable[[object], t
             merged[0] += 1
 
     step = Pass("first tier", list(blocks), encode_work, save=merge, payload=block, shared=trained,
-                shared_key=("first tier", trained.size, trained[:64].tobytes()), sizes=sizes, unit="vec")
+                shared_key=("first tier", trained.size, trained[:64].tobytes()), sizes=sizes, unit="vec", in_order=True)
     run_stage("first tier", [step], executor, progress)
     return index
 

@@ -161,7 +161,7 @@ class FactorArgs(StageArgs):
     dtype: str = _help("dtype of the model while fitting (factors are float32, or float64 with a float64 model)", "float32")
     seed: int = _help("seed for the sampled labels of the true Fisher", 0)
     batch_tokens: int = _help(BATCH_TOKENS_HELP, 2048)
-    keep_shards: bool = _help("keep the pass shards and pass 1's eigenvectors after the fit (they are removed by default)", False)
+    keep_shards: bool = _help("keep each pass's sums and pass 1's eigenvectors after the fit (they are removed by default)", False)
     device: str = _help("torch device: cpu, cuda, cuda:N", "cpu")
     progress: bool = _help("show progress bars", True)
 

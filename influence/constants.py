@@ -7,9 +7,11 @@ LOCK_NAME = ".lock"
 # corpus stage
 SEQUENCES_NAME = "sequences.parquet"
 
-# fit stage: shards and the eigenvectors are intermediate (kept while the fit can resume, removed once it is done)
-COVARIANCE_SHARD_NAME = "covariance_shard_{shard:05d}_of_{num_shards:05d}.safetensors"
-EIGENVALUE_SHARD_NAME = "eigenvalue_shard_{shard:05d}_of_{num_shards:05d}.safetensors"
+# fit stage: the passes' sums and the eigenvectors are intermediate (kept while the fit can resume, removed once it is done)
+COVARIANCE_SUMS_NAME = "covariance_sums.safetensors"   # pass 1's running sums while a fit is resumable
+EIGENVALUE_SUMS_NAME = "eigenvalue_sums.safetensors"   # pass 2's
+SUMMED_SHARDS = "summed_shards"                        # in a sums file: (shards summed, shards of the pass), int64
+OLD_SHARD_PATTERN = "*_shard_*_of_*.safetensors"       # an earlier version's one file per pass shard
 EIGENVECTORS_NAME = "eigenvectors.safetensors"
 FACTORS_NAME = "factors.safetensors"
 
@@ -30,7 +32,8 @@ STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 # The files each kind of artifact may hold (glob patterns): an output directory holding anything else is refused.
 ARTIFACT_FILES = {
     "corpus": (MANIFEST_NAME, ARGS_NAME, SEQUENCES_NAME, "corpus"),
-    "factors": (MANIFEST_NAME, ARGS_NAME, FACTORS_NAME, EIGENVECTORS_NAME, "covariance_shard_*", "eigenvalue_shard_*", "corpus"),
+    "factors": (MANIFEST_NAME, ARGS_NAME, FACTORS_NAME, EIGENVECTORS_NAME, COVARIANCE_SUMS_NAME, EIGENVALUE_SUMS_NAME,
+                "covariance_shard_*", "eigenvalue_shard_*", "corpus"),
     "index": (MANIFEST_NAME, ARGS_NAME, "index.faiss", "docs.parquet", "index.json", "sketches.npy", "refine.npy", "sketch_shard_*",
               "text_index"),
     "query": ("results.json", "results.parquet", "report.html"),

@@ -14,9 +14,13 @@ Strategies store what their preconditioner needs:
   ekfac     basis, Lambda corrected (pass 2)
 Damping defaults to damping_scale x mean(Lambda) per module (the paper's 0.1).
 
+A pass splits the corpus into shards (tasks of a few batches each, whatever the number of workers) and adds their
+sums on the driver, in shard order, into one file per pass (`PassSums`): a fit's disk use does not grow with its
+workers, its bar moves shard by shard, and a killed fit resumes from the shards summed when it was last saved.
+
 On disk, a finished fit is `factors.safetensors` (per module: Q_A, Q_S, Lambda, damping, and the eigenvalues l_A, l_S
 of A and S; float32, or float64 for a float64 fit) and its manifest: about 4 (d_in^2 + d_out^2 + d_out d_in) bytes per
-module in float32. The pass shards and
+module in float32. The passes' sums and
 the eigenvectors of pass 1 exist only while the fit can resume, and are removed once the manifest is written.
 The factors may be fitted on a sample of the corpus, or on another corpus cut by the same tokenizer: the manifest
 records which.
@@ -26,13 +30,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from influence import constants as C
@@ -128,17 +135,75 @@ class FitPlan:
     identity: dict       # saved as args.json: compared when resuming
     num_shards: int
 
-    def shard_path(self, pattern: str, shard: int) -> Path:
-        return self.out_dir / pattern.format(shard=shard, num_shards=self.num_shards)
-
-    def pending(self, pattern: str) -> list[int]:
-        return [k for k in range(self.num_shards) if not self.shard_path(pattern, k).exists()]
+    def sums(self, name: str) -> "PassSums":
+        return PassSums(self.out_dir / name, self.num_shards)
 
     def rows(self, shard: int) -> TokenRows:
         return token_rows(self.sequences, shard_rows(self.sequences.num_rows, shard, self.num_shards))
 
-    def sizes(self, shards: list[int]) -> list[int]:
+    def sizes(self, shards: Iterable[int]) -> list[int]:
         return [len(shard_rows(self.sequences.num_rows, k, self.num_shards)) for k in shards]
+
+
+class PassSums:
+    """A pass's sums over its shards, added on the driver in shard order and saved to one file as they grow.
+
+    In shard order (a result that arrives early waits for the ones before it), a fit adds the same numbers in the same
+    order however many workers ran it and wherever it was interrupted, so a resumed fit equals an uninterrupted one
+    bit for bit. The file is rewritten once the time since its last write is ten times what that write took: saving
+    costs at most a tenth of the pass whatever the model's size, and a killed fit loses only the shards summed since.
+    """
+
+    def __init__(self, path: Path, num_shards: int) -> None:
+        self.path, self.num_shards = path, num_shards
+        self.sums: dict[str, torch.Tensor] = {}
+        self.done = 0
+        if path.exists():
+            self.sums = load_tensors(path)
+            summed = self.sums.pop(C.SUMMED_SHARDS, None)
+            if summed is None or summed.tolist()[1] != num_shards:
+                raise InfluenceError(f"{path} holds the sums of another split of the corpus than this fit's {num_shards} shards "
+                                     f"(args.json was edited?); delete {path.parent} and run the fit again")
+            self.done = int(summed[0])
+        self.waiting: dict[int, dict[str, np.ndarray]] = {}
+        self.saved_done, self.saved_at, self.save_seconds = self.done, time.monotonic(), 0.0
+
+    def pending(self) -> list[int]:
+        return list(range(self.done, self.num_shards))
+
+    def add(self, shard: int, sums: dict[str, np.ndarray]) -> None:
+        self.waiting[shard] = sums
+        while self.done in self.waiting:
+            for key, value in self.waiting.pop(self.done).items():
+                value = read_only_tensor(value)
+                if key in self.sums:
+                    self.sums[key].add_(value)
+                else:
+                    self.sums[key] = value.clone()
+            self.done += 1
+        due = time.monotonic() - self.saved_at >= 10 * self.save_seconds
+        if self.done > self.saved_done and (due or self.done == self.num_shards):
+            self.save()
+
+    def save(self) -> None:
+        start = time.monotonic()
+        save_tensors(self.path, {**self.sums, C.SUMMED_SHARDS: torch.tensor([self.done, self.num_shards])})
+        self.saved_done, self.saved_at = self.done, time.monotonic()
+        self.save_seconds = self.saved_at - start
+
+    def total(self) -> dict[str, torch.Tensor]:
+        """The sums over every shard (the pass must be finished)."""
+        if self.done < self.num_shards:
+            raise InfluenceError(f"{self.path} holds {self.done} of {self.num_shards} shards' sums; re-run the fit to finish them")
+        return self.sums
+
+
+def default_num_shards(sequences: pa.Table, batch_tokens: int, workers: int) -> int:
+    """Shards per pass when not asked: about 8 batches each, and at least 4 per worker (while the corpus allows), so the
+    bar moves and a killed fit loses little; a shard's sums (a module's d_in^2 + d_out^2 numbers, the size of the work
+    on one token) cross to the driver once per shard, which 8 batches of tokens outweigh."""
+    tokens = int(pc.sum(pc.list_value_length(sequences["input_ids"])).as_py() or 0)
+    return max(1, min(sequences.num_rows, max(math.ceil(tokens / (8 * batch_tokens)), 4 * workers)))
 
 
 @dataclass(frozen=True)
@@ -154,8 +219,9 @@ class FitWork:
 
 
 def plan_fit(model_dir: Path | str, corpus_dir: Path | str, out_dir: Path | str, args: FactorArgs = FactorArgs(),
-             num_shards: Optional[int] = None) -> FitPlan:
-    """Check the inputs and the output directory, and decide the shards (a resumed fit keeps its saved shard count)."""
+             num_shards: Optional[int] = None, workers: int = 1) -> FitPlan:
+    """Check the inputs and the output directory, and decide the shards (a resumed fit keeps its saved shard count;
+    by default `default_num_shards` for `workers`)."""
     model_dir, corpus_dir, out_dir = require_model_dir(model_dir), Path(corpus_dir).resolve(), Path(out_dir).resolve()
     if num_shards is not None and (isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1):
         raise InfluenceError(f"--num-shards must be at least 1, got {num_shards!r}; pass a positive number")
@@ -176,7 +242,7 @@ def plan_fit(model_dir: Path | str, corpus_dir: Path | str, out_dir: Path | str,
         if num_shards is not None and num_shards != saved.get("num_shards"):
             LOG.warning("resuming %s with its saved %s shards (not %d)", out_dir, saved.get("num_shards"), num_shards)
         num_shards = int(saved["num_shards"])
-    num_shards = min(num_shards or 1, sequences.num_rows)
+    num_shards = min(num_shards or default_num_shards(sequences, args.batch_tokens, workers), sequences.num_rows)
     spec = ModelSpec(str(model_dir), args.dtype, args.device, args.module_pattern, identity.quick)
     return FitPlan(model_dir, corpus_dir, out_dir, args, info, spec, sequences, {**plan_identity, "num_shards": num_shards}, num_shards)
 
@@ -186,7 +252,7 @@ def _require_same_label_draws(saved: dict, out_dir: Path, args: FactorArgs) -> N
     (Other strategies sample labels in one pass at most: their old shards are as valid as new ones.)"""
     if args.fisher != "true" or args.strategy != "ekfac" or saved.get("label_draws", 1) == LABEL_DRAWS:
         return
-    if any(out_dir.glob(C.EIGENVALUE_SHARD_NAME.split("{")[0] + "*")) or (out_dir / C.MANIFEST_NAME).exists():
+    if (out_dir / C.EIGENVALUE_SUMS_NAME).exists() or any(out_dir.glob("eigenvalue_shard_*")) or (out_dir / C.MANIFEST_NAME).exists():
         raise InfluenceError(
             f"{out_dir} holds eigenvalues fitted without a record of how they drew their labels: an older version's "
             f"eigenvalue pass reused the covariance pass's sampled labels (an in-sample Lambda that inflates scores); "
@@ -195,31 +261,44 @@ def _require_same_label_draws(saved: dict, out_dir: Path, args: FactorArgs) -> N
 
 def _has_finished_work(out_dir: Path) -> bool:
     """Whether an earlier attempt left shards worth resuming (else its saved settings need not bind a retry)."""
-    return any(out_dir.glob("*_shard_*.safetensors")) or (out_dir / C.EIGENVECTORS_NAME).exists() or (out_dir / C.MANIFEST_NAME).exists()
+    return (any(out_dir.glob(C.OLD_SHARD_PATTERN)) or any((out_dir / name).exists() for name in
+            (C.COVARIANCE_SUMS_NAME, C.EIGENVALUE_SUMS_NAME, C.EIGENVECTORS_NAME, C.MANIFEST_NAME)))
 
 
 def fit_factors(model_dir: Path | str, corpus_dir: Path | str, out_dir: Path | str, args: FactorArgs = FactorArgs(),
                 executor: Optional[Executor] = None, num_shards: Optional[int] = None) -> Path:
     """Fit the factors of `args.strategy` over the corpus on `executor` (default: this process); returns `out_dir`.
 
-    The corpus is split into `num_shards` shards (default: one per worker of the executor); re-running resumes from
-    the shards on disk, and a finished fit is returned as is.
+    The corpus is split into `num_shards` shards (default: `default_num_shards`); re-running resumes from the sums
+    saved on disk, and a finished fit is returned as is.
     """
-    plan = plan_fit(model_dir, corpus_dir, out_dir, args, num_shards or getattr(executor, "workers", 1))
+    plan = plan_fit(model_dir, corpus_dir, out_dir, args, num_shards, getattr(executor, "workers", 1))
     if (plan.out_dir / C.MANIFEST_NAME).exists():
         read_manifest(plan.out_dir, "factors")
         if not args.keep_shards:  # a fit killed between its manifest and the clean-up
             _remove_intermediates(plan)
         return plan.out_dir
-    bytes_needed = _shard_bytes(plan) * plan.num_shards * 2
+    bytes_needed = _sums_bytes(plan) * 2  # each pass's sums, and the temporary copy a save writes
     with prepare_output(plan.out_dir, "factors", {"model": plan.model_dir, "corpus": plan.corpus_dir}, bytes_needed):
+        _remove_old_shards(plan)
         write_json(plan.out_dir / C.ARGS_NAME, plan.identity)
         run_stage("fit", fit_passes(plan), executor, args.progress)
     return plan.out_dir
 
 
-def _shard_bytes(plan: FitPlan) -> int:
-    """float64 bytes of one shard's sums: what the fit writes per shard and pass (the space check's estimate)."""
+def _remove_old_shards(plan: FitPlan) -> None:
+    """An earlier version saved one file per pass shard; this one cannot resume from them, and they would hold the
+    disk that its own sums need."""
+    old = sorted(plan.out_dir.glob(C.OLD_SHARD_PATTERN))
+    if old:
+        LOG.warning("%s holds %d pass shards of an earlier version, which this version cannot resume from: removed; "
+                    "their passes run again", plan.out_dir, len(old))
+        for path in old:
+            path.unlink()
+
+
+def _sums_bytes(plan: FitPlan) -> int:
+    """float64 bytes of the two passes' sums: what the fit writes while it runs (the space check's estimate)."""
     return sum(8 * (d_in * (d_in + 1) // 2 + d_out * (d_out + 1) // 2 + d_out * d_in) for _, (d_out, d_in) in plan.info.modules)
 
 
@@ -229,21 +308,25 @@ def fit_passes(plan: FitPlan) -> Iterator[Pass]:
     work = FitWork(plan.spec, args.fisher, args.seed, args.batch_tokens)
     key = ("fit", plan.spec, args.fisher, args.seed, args.batch_tokens)
     if needs_basis(args.strategy) and not (plan.out_dir / C.EIGENVECTORS_NAME).exists():
-        pending = plan.pending(C.COVARIANCE_SHARD_NAME)
-        yield Pass("covariance", pending, covariance_work, save=partial(_save_shard, plan, C.COVARIANCE_SHARD_NAME),
-                   payload=plan.rows, shared=work, shared_key=key, sizes=plan.sizes(pending))
+        covariance = plan.sums(C.COVARIANCE_SUMS_NAME)
+        yield _summing_pass(plan, "covariance", covariance, covariance_work, work, key)
         storage = "float64" if _storage_dtype(args) == torch.float64 else "float32"
-        yield eigendecomposition_pass(_sum_shards(plan, C.COVARIANCE_SHARD_NAME), plan.info.module_names, plan.spec.device,
+        yield eigendecomposition_pass(covariance.total(), plan.info.module_names, plan.spec.device,
                                       storage, plan.out_dir / C.EIGENVECTORS_NAME)
+        del covariance  # the eigendecompositions hold what they need
     if needs_corrected_eigenvalues(args.strategy):
         basis = load_basis(plan.out_dir / C.EIGENVECTORS_NAME, plan.info.module_names) if needs_basis(args.strategy) else None
         basis_key = (str(plan.out_dir), (plan.out_dir / C.EIGENVECTORS_NAME).stat().st_mtime_ns) if basis else None
-        pending = plan.pending(C.EIGENVALUE_SHARD_NAME)
         seed = eigenvalue_label_seed(args.seed)
-        yield Pass("eigenvalues", pending, eigenvalue_work, save=partial(_save_shard, plan, C.EIGENVALUE_SHARD_NAME),
-                   payload=plan.rows, shared=FitWork(plan.spec, args.fisher, seed, args.batch_tokens, basis, basis_key),
-                   shared_key=(*key, seed, basis_key), sizes=plan.sizes(pending))
+        yield _summing_pass(plan, "eigenvalues", plan.sums(C.EIGENVALUE_SUMS_NAME), eigenvalue_work,
+                            FitWork(plan.spec, args.fisher, seed, args.batch_tokens, basis, basis_key), (*key, seed, basis_key))
     yield Pass("factors", [], _no_work, _no_save, reduce=partial(aggregate_factors, plan))
+
+
+def _summing_pass(plan: FitPlan, name: str, sums: PassSums, work, shared: FitWork, shared_key: tuple) -> Pass:
+    pending = sums.pending()
+    return Pass(name, pending, work, save=sums.add, payload=plan.rows, shared=shared, shared_key=shared_key,
+                sizes=plan.sizes(pending), done=sum(plan.sizes(range(sums.done))), in_order=True)
 
 
 def eigenvalue_label_seed(seed: int) -> int:
@@ -263,10 +346,6 @@ def _no_work(workspace, shared, payload):  # a pass that only reduces
 
 def _no_save(task, result) -> None:
     return None
-
-
-def _save_shard(plan: FitPlan, pattern: str, shard: int, sums: dict[str, np.ndarray]) -> None:
-    save_tensors(plan.shard_path(pattern, shard), {k: read_only_tensor(v) for k, v in sums.items()})
 
 
 def _token_batches(workspace: Workspace, work: FitWork, rows: TokenRows):
@@ -328,7 +407,7 @@ def aggregate_factors(plan: FitPlan) -> None:
     args, strategy, tensors = plan.args, plan.args.strategy, {}
     dtype = _storage_dtype(args)
     basis = load_tensors(plan.out_dir / C.EIGENVECTORS_NAME) if needs_basis(strategy) else {}
-    corrected = _sum_shards(plan, C.EIGENVALUE_SHARD_NAME) if needs_corrected_eigenvalues(strategy) else {}
+    corrected = plan.sums(C.EIGENVALUE_SUMS_NAME).total() if needs_corrected_eigenvalues(strategy) else {}
     for name, shape in plan.info.modules:
         if strategy == "identity":
             eigenvalues = torch.zeros(shape, dtype=torch.float64)
@@ -362,7 +441,8 @@ def aggregate_factors(plan: FitPlan) -> None:
 
 
 def _remove_intermediates(plan: FitPlan) -> None:
-    for path in [*plan.out_dir.glob("*_shard_*.safetensors"), plan.out_dir / C.EIGENVECTORS_NAME]:
+    for path in [*plan.out_dir.glob(C.OLD_SHARD_PATTERN), *(plan.out_dir / name for name in
+                 (C.COVARIANCE_SUMS_NAME, C.EIGENVALUE_SUMS_NAME, C.EIGENVECTORS_NAME))]:
         path.unlink(missing_ok=True)
 
 
@@ -409,14 +489,3 @@ def _warn_old_label_draws(factors_dir: Path, manifest: dict) -> None:
 
 def _accumulate(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
     sums[key] = sums[key] + value if key in sums else value.clone()
-
-
-def _sum_shards(plan: FitPlan, pattern: str) -> dict[str, torch.Tensor]:
-    missing = plan.pending(pattern)
-    if missing:
-        raise InfluenceError(f"{plan.out_dir} lacks shards {missing[:8]} of {plan.num_shards}; re-run the fit to finish them")
-    total: dict[str, torch.Tensor] = {}
-    for shard in range(plan.num_shards):
-        for key, value in load_tensors(plan.shard_path(pattern, shard)).items():
-            _accumulate(total, key, value)
-    return total

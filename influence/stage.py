@@ -9,7 +9,9 @@ A stage (fit, index, score, compare) is written once, as a sequence of `Pass`es:
   actor; everything it loads (the model, the factors, a sketcher) comes from its `Workspace`, so it is loaded
   once per process, not once per task;
 - `shared`: data every task of the pass needs (the factors, the prepared queries), sent once per worker;
-- `save(task, result)`: on the driver, as each result arrives (an atomic shard write, or kept in memory);
+- `save(task, result)`: on the driver, as each result arrives (an atomic shard write, added to a running sum, or
+  kept in memory); with `in_order`, a save that needs results in task order holds the early ones, and an executor
+  sends no task far beyond the oldest unfinished one, so it holds few;
 - `reduce()`: on the driver, once every task is saved (sum shards, merge an index, write the manifest).
 
 An executor runs the tasks of one pass: `LocalExecutor` here, in this process; `jobs.runner.RayExecutor` on
@@ -57,6 +59,8 @@ class Pass:
     stage: Hashable = None           # set by `run_stage`: which run of a stage the pass belongs to (`Workspace.task`)
     sizes: Optional[Sequence[int]] = None  # sequences per task, for the progress bar
     unit: str = "seq"
+    done: int = 0                    # units an earlier run finished (a resumed pass's bar starts there)
+    in_order: bool = False           # `save` keeps results that arrive before earlier tasks' (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.shared is not None and self.shared_key is None:
@@ -166,11 +170,13 @@ def run_stage(name: str, passes: Iterable[Pass], executor: Optional[Executor] = 
     for step in passes:
         step = dataclasses.replace(step, stage=stage)
         start = time.perf_counter()
+        label = name if step.name == name else f"{name}: {step.name}"  # a one-pass stage is named once
+        total = step.done + (sum(step.sizes) if step.sizes is not None else len(step.tasks))
+        if step.done:
+            LOG.warning("%s: resuming with %d of %d %ss done", label, step.done, total, step.unit)
         if step.tasks:
-            total = sum(step.sizes) if step.sizes is not None else len(step.tasks)
             size_of = dict(zip(map(_task_key, step.tasks), step.sizes)) if step.sizes is not None else {}
-            label = name if step.name == name else f"{name}: {step.name}"  # a one-pass stage is named once
-            with tqdm(total=total, desc=label, unit=step.unit if step.sizes is not None else "task",
+            with tqdm(total=total, initial=step.done, desc=label, unit=step.unit if step.sizes is not None else "task",
                       disable=not progress) as bar:
                 for task, result in executor.map(step):
                     step.save(task, result)

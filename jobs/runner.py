@@ -235,27 +235,35 @@ class RayExecutor:
 
         actors = self._pool()
         shared_box = [ray.put(step.shared)] if step.shared is not None else None
-        tasks = iter(step.tasks)
+        tasks = list(step.tasks)
+        # two tasks per worker in flight (one running, the next one's payload there), dealt round-robin; an in-order
+        # pass sends none more than 3 per worker beyond its oldest unfinished task, so its save holds few early results
+        free = [actor for _ in range(2) for actor in actors]
+        ahead = 3 * len(actors) if step.in_order else len(tasks)
         in_flight: dict = {}
+        finished: set[int] = set()
+        sent = oldest = 0
 
-        def submit(actor) -> None:
-            task = next(tasks, _DONE)
-            if task is not _DONE:
-                ref = actor.run.remote(step.work, step.stage, step.shared_key, shared_box, step.payload(task))
-                in_flight[ref] = (actor, task)
+        def send() -> None:
+            nonlocal sent
+            while free and sent < len(tasks) and sent - oldest < ahead:
+                actor = free.pop(0)
+                ref = actor.run.remote(step.work, step.stage, step.shared_key, shared_box, step.payload(tasks[sent]))
+                in_flight[ref] = (actor, sent)
+                sent += 1
 
-        for _ in range(2):  # two tasks per worker in flight (one running, the next one's payload there), dealt round-robin
-            for actor in actors:
-                submit(actor)
+        send()
         while in_flight:
             [ready], _ = ray.wait(list(in_flight), num_returns=1)
-            actor, task = in_flight.pop(ready)
+            actor, position = in_flight.pop(ready)
             result = _unwrapped(ready)
-            submit(actor)
-            yield task, result
-
-
-_DONE = object()
+            finished.add(position)
+            while oldest in finished:
+                finished.discard(oldest)
+                oldest += 1
+            free.append(actor)
+            send()
+            yield tasks[position], result
 
 
 def _unwrapped(ref) -> Any:

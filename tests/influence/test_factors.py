@@ -7,11 +7,11 @@ import torch
 
 from influence import constants as C
 from influence.arguments import FactorArgs
-from influence.artifacts import load_tensors
+from influence.artifacts import load_tensors, save_tensors
 from influence.corpus import load_sequences
 from influence.errors import InfluenceError
 from influence.eigenbasis import packed_symmetric, unpacked_symmetric
-from influence.factors import FitWork, covariance_work, fit_factors, load_factors, plan_fit, _save_shard
+from influence.factors import FitWork, PassSums, covariance_work, fit_factors, load_factors, plan_fit
 from influence.models import find_tracked_modules, load_model, model_identity
 from influence.stage import Workspace
 from influence.preconditioner import precondition
@@ -158,25 +158,64 @@ def test_factors_refuse_another_model(llama_dir, corpus_dir, tokenizer, tmp_path
 
 
 def interrupted_fit(model_dir, corpus_dir, out, num_shards: int, shards_done, saved_without=()) -> None:
-    """A fit as if killed with `shards_done` of pass 1 finished; its saved plan lacks the keys `saved_without`."""
+    """A fit as if killed with `shards_done` of pass 1 finished (in that order of arrival); its saved plan lacks the
+    keys `saved_without`."""
     args = FactorArgs(dtype="float64", progress=False)
     plan = plan_fit(model_dir, corpus_dir, out, args, num_shards=num_shards)
     work = FitWork(plan.spec, args.fisher, args.seed, args.batch_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    sums = plan.sums(C.COVARIANCE_SUMS_NAME)
     for shard in shards_done:
-        _save_shard(plan, C.COVARIANCE_SHARD_NAME, shard, covariance_work(Workspace(), work, plan.rows(shard)))
+        sums.add(shard, covariance_work(Workspace(), work, plan.rows(shard)))
     out.joinpath(C.ARGS_NAME).write_text(json.dumps({k: v for k, v in plan.identity.items() if k not in saved_without}))
 
 
-def test_resume_after_partial_fit_equals_uninterrupted(llama_dir, corpus_dir, tmp_path):
+def summed_shards(path) -> list[int]:
+    return load_tensors(path)[C.SUMMED_SHARDS].tolist()
+
+
+def test_resume_after_partial_fit_equals_uninterrupted(llama_dir, corpus_dir, tmp_path, caplog):
     reference = fit(llama_dir, corpus_dir, tmp_path / "ref", num_shards=3)
     partial = tmp_path / "partial"
-    interrupted_fit(llama_dir, corpus_dir, partial, 3, (0, 2))
-    done = {p.name: p.stat().st_mtime_ns for p in partial.glob("covariance_shard_*")}
+    interrupted_fit(llama_dir, corpus_dir, partial, 3, (0, 2))  # shard 2 arrived before shard 1, and was lost with it
+    assert summed_shards(partial / C.COVARIANCE_SUMS_NAME) == [1, 3]
     resumed = fit(llama_dir, corpus_dir, partial, num_shards=3)
-    for name, f in reference.modules.items():
-        torch.testing.assert_close(resumed.modules[name].eigenvalues, f.eigenvalues)
-    assert not list(partial.glob("*_shard_*")), "intermediate shards are removed once the fit is done"
-    assert len(done) == 2
+    for name, f in reference.modules.items():  # the same numbers added in the same order: equal to the last bit
+        assert torch.equal(resumed.modules[name].eigenvalues, f.eigenvalues)
+        assert torch.equal(resumed.modules[name].q_a, f.q_a) and torch.equal(resumed.modules[name].q_s, f.q_s)
+    assert "fit: covariance: resuming with" in caplog.text
+    assert not [p.name for p in partial.iterdir() if "sums" in p.name or "shard" in p.name], "intermediates are removed"
+
+
+def test_pass_sums_add_shards_in_order_whatever_their_arrival(tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    results = [{"x": (torch.randn(50, generator=rng, dtype=torch.float64) * 10 ** k).numpy()} for k in range(5)]
+    in_order = results[0]["x"].copy()
+    for result in results[1:]:
+        in_order += result["x"]
+    sums = PassSums(tmp_path / "sums.safetensors", 5)
+    for shard in (3, 1, 0, 4):
+        sums.add(shard, results[shard])
+    assert sums.done == 2 and summed_shards(tmp_path / "sums.safetensors") == [2, 5]
+    assert sums.pending() == [2, 3, 4]  # 3 and 4 wait in memory: a resumed pass computes them again
+    with pytest.raises(InfluenceError, match="2 of 5 shards' sums; re-run the fit"):
+        sums.total()
+    sums.add(2, results[2])
+    assert sums.done == 5 and torch.equal(sums.total()["x"], torch.from_numpy(in_order))
+    reread = PassSums(tmp_path / "sums.safetensors", 5)
+    assert reread.pending() == [] and torch.equal(reread.total()["x"], torch.from_numpy(in_order))
+    with pytest.raises(InfluenceError, match="another split of the corpus than this fit's 4 shards"):
+        PassSums(tmp_path / "sums.safetensors", 4)
+
+
+def test_a_fit_removes_the_shard_files_of_an_earlier_version(llama_dir, corpus_dir, tmp_path, caplog):
+    reference = fit(llama_dir, corpus_dir, tmp_path / "ref", num_shards=2)
+    partial = tmp_path / "partial"
+    interrupted_fit(llama_dir, corpus_dir, partial, 2, ())
+    old = partial / "covariance_shard_00000_of_00002.safetensors"  # what an earlier version saved per shard
+    save_tensors(old, {"x": torch.zeros(3)})
+    assert_same_factors(reference, fit(llama_dir, corpus_dir, partial, num_shards=2, keep_shards=True))
+    assert not old.exists() and "pass shards of an earlier version" in caplog.text
 
 
 def test_resume_with_other_settings_is_refused(llama_dir, corpus_dir, tmp_path):
@@ -196,7 +235,7 @@ def test_fit_refuses_eigenvalues_of_the_old_label_draw(llama_dir, corpus_dir, tm
     fit(llama_dir, corpus_dir, out, fisher="true", keep_shards=interrupted)  # a finished fit has removed its shards
     if interrupted:
         (out / C.MANIFEST_NAME).unlink()
-    assert bool(list(out.glob("eigenvalue_shard_*"))) == interrupted and (out / C.MANIFEST_NAME).exists() != interrupted
+    assert (out / C.EIGENVALUE_SUMS_NAME).exists() == interrupted and (out / C.MANIFEST_NAME).exists() != interrupted
     saved = json.loads((out / C.ARGS_NAME).read_text())
     assert saved.pop("label_draws") == LABEL_DRAWS
     (out / C.ARGS_NAME).write_text(json.dumps(saved))  # as the old version wrote it
@@ -204,16 +243,15 @@ def test_fit_refuses_eigenvalues_of_the_old_label_draw(llama_dir, corpus_dir, tm
         fit(llama_dir, corpus_dir, out, fisher="true", keep_shards=True)
 
 
-def test_fit_resumes_covariance_shards_of_the_old_label_draw(llama_dir, corpus_dir, tmp_path):
-    # the covariance pass drew its labels the same way in both versions: its shards stay usable
+def test_fit_resumes_covariance_sums_of_the_old_label_draw(llama_dir, corpus_dir, tmp_path, caplog):
+    # the covariance pass drew its labels the same way in both versions: its sums stay usable
     reference = fit(llama_dir, corpus_dir, tmp_path / "ref", num_shards=2)
     partial = tmp_path / "partial"
     interrupted_fit(llama_dir, corpus_dir, partial, 2, (0,), saved_without=("label_draws",))
-    old_shard = partial / C.COVARIANCE_SHARD_NAME.format(shard=0, num_shards=2)
-    written = old_shard.stat().st_mtime_ns
+    assert summed_shards(partial / C.COVARIANCE_SUMS_NAME) == [1, 2]
     resumed = fit(llama_dir, corpus_dir, partial, num_shards=2, keep_shards=True)
     assert_same_factors(reference, resumed)
-    assert old_shard.stat().st_mtime_ns == written, "the old covariance shard is resumed, not computed again"
+    assert "fit: covariance: resuming with" in caplog.text, "the old covariance sums are resumed, not computed again"
 
 
 def test_loading_factors_of_the_old_label_draw_warns_once(llama_dir, corpus_dir, tmp_path, caplog):

@@ -30,6 +30,28 @@ def test_fit_on_ray_equals_single_process_fit(ray_local, llama_dir, corpus_dir, 
         assert_same_factors(reference, load_factors(out))
 
 
+def _slow_first_task(workspace, shared, task: int) -> int:
+    time.sleep(3.0 if task == 0 else 0.01)
+    return task
+
+
+@pytest.mark.parametrize("in_order", [False, True])
+def test_an_in_order_pass_is_never_sent_far_beyond_its_oldest_unfinished_task(ray_local, in_order):
+    """A pass whose save sums in task order (the fit's) holds the results that arrive early; with `in_order` the
+    executor sends no task more than 3 per worker beyond the oldest unfinished one, so it holds few of them."""
+    from influence.stage import Pass
+
+    arrived = []
+    step = Pass("slow first", list(range(30)), _slow_first_task, save=lambda task, result: None, in_order=in_order)
+    with RayExecutor(2) as executor:
+        for task, result in executor.map(step):
+            assert task == result
+            arrived.append(task)
+    assert sorted(arrived) == list(range(30))
+    early = arrived.index(0)  # results that arrived while task 0 ran
+    assert early <= 3 * 2 - 1 if in_order else early > 3 * 2
+
+
 def test_index_and_scores_on_ray_equal_a_single_process(ray_local, llama_dir, ekfac_dir, corpus_dir, tmp_path):
     args = IndexArgs(progress=False, shard_size=3, sketch_dim=128)
     single = build_index(llama_dir, ekfac_dir, corpus_dir, tmp_path / "single", args)

@@ -2,13 +2,14 @@
 
 Many one-sequence shards (`--num-shards` = the corpus size) with `--batch-size 1` make the fit long enough to be
 killed in the middle. Either way the result must equal an uninterrupted fit in float64 (eigenvalues and the
-preconditioner applied to random vectors), and a re-run must resume from the shards finished before the kill,
-not redo them. The index job's kills are covered by tests/jobs/test_ray_jobs.py.
+preconditioner applied to random vectors), and a re-run must resume from the sums saved before the kill, not redo
+those shards. The index job's kills are covered by tests/jobs/test_ray_jobs.py.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from influence import constants as C
 from influence.arguments import FactorArgs
+from influence.artifacts import load_tensors
 from influence.factors import fit_factors, load_factors
 from tests.jobs.test_ray_jobs import _wait_for
 from tests.oracles import assert_same_factors
@@ -34,9 +37,27 @@ def fit_command(model, corpus, out, num_shards, *extra):
             "--num-shards", str(num_shards), "--batch-tokens", "1", "--dtype", "float64", "--no-progress", "--keep-shards", *extra]
 
 
-def finished_shards(out: Path) -> dict[str, tuple[int, int]]:
-    """Shard files renamed into place (temporaries start with '.'), with (inode, mtime) to tell a rewrite."""
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*_shard_*.safetensors")}
+def summed_shards(out: Path) -> tuple[int, int]:
+    """Shards summed into each pass's saved sums (covariance, eigenvalues), as a resumed fit would find them."""
+    def done(name: str) -> int:
+        path = out / name
+        return int(load_tensors(path)[C.SUMMED_SHARDS][0]) if path.exists() else 0
+    return done(C.COVARIANCE_SUMS_NAME), done(C.EIGENVALUE_SUMS_NAME)
+
+
+def resumed_from(stderr: str) -> dict[str, int]:
+    """What a re-run found done, per pass, from its warning 'fit: <pass>: resuming with N of M seqs done'."""
+    return {name: int(n) for name, n in re.findall(r"fit: (\w+): resuming with (\d+) of", stderr)}
+
+
+def assert_resumed_where_killed(killed_at: tuple[int, int], stderr: str) -> None:
+    """A re-run starts each unfinished pass from no fewer shards than were saved at the kill (one sequence each)."""
+    resumed = resumed_from(stderr)
+    covariance, eigenvalues = killed_at
+    if eigenvalues:
+        assert resumed.get("eigenvalues", 0) >= eigenvalues and "covariance" not in resumed, stderr[-2000:]
+    elif covariance:
+        assert resumed.get("covariance", 0) >= covariance, stderr[-2000:]
 
 
 def fit_worker_pids() -> list[int]:
@@ -62,22 +83,23 @@ def test_killed_worker_mid_fit_is_replaced_or_resumed(llama_dir, corpus_dir, num
     proc = subprocess.Popen(command, cwd=ROOT, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        assert _wait_for(lambda: fit_worker_pids() and len(finished_shards(out)) >= 2), "the fit never started a worker"
+        assert _wait_for(lambda: fit_worker_pids() and sum(summed_shards(out)) >= 2), "the fit never started a worker"
         victims = fit_worker_pids()
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
         assert not (out / "manifest.json").exists(), "the fit finished before the kill: make it longer"
-        killed_at = finished_shards(out)
+        killed_at = summed_shards(out)
         _, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert victims and len(killed_at) < 2 * num_shards
+    assert victims and sum(killed_at) < 2 * num_shards
     if proc.returncode != 0:  # Ray gave up on the actor: the same command must then resume and finish
         rerun = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert all(finished_shards(out)[name] == stamp for name, stamp in killed_at.items()), "finished shards were redone"
+        assert_resumed_where_killed(killed_at, rerun.stderr)
+    assert summed_shards(out) == (num_shards, num_shards)
     assert_same_factors(reference, load_factors(out))
 
 
@@ -86,19 +108,19 @@ def test_killed_driver_mid_fit_resumes_to_the_uninterrupted_factors(llama_dir, c
     proc = subprocess.Popen(fit_command(llama_dir, corpus_dir, out, num_shards, "--workers", "1"), cwd=ROOT, env=ENV,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert _wait_for(lambda: len(finished_shards(out)) >= 2), "the fit never wrote a shard"
+        assert _wait_for(lambda: sum(summed_shards(out)) >= 2), "the fit never saved its sums"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
         proc.wait()
-    killed_at = finished_shards(out)
+    killed_at = summed_shards(out)
     assert not (out / "manifest.json").exists() and not (out / "factors.safetensors").exists()
-    assert len(killed_at) < 2 * num_shards, "the fit finished before the kill: make it longer"
+    assert sum(killed_at) < 2 * num_shards, "the fit finished before the kill: make it longer"
 
     rerun = subprocess.run(fit_command(llama_dir, corpus_dir, out, num_shards, "--in-process"), cwd=ROOT, env=ENV,
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert all(finished_shards(out)[name] == stamp for name, stamp in killed_at.items()), "finished shards were redone"
-    assert len(finished_shards(out)) == 2 * num_shards
+    assert_resumed_where_killed(killed_at, rerun.stderr)
+    assert summed_shards(out) == (num_shards, num_shards)
     assert_same_factors(reference, load_factors(out))
 
 

@@ -230,7 +230,7 @@ SHARD = "sketch_shard_00000_of_00001"
 PLANTS: list[tuple[str, str, str, Callable]] = [
     ("factors", "factors.safetensors", "pickle", lambda a: load_factors(a["factors"])),
     ("factors", "manifest.json", "pickle", lambda a: load_factors(a["factors"])),
-    ("factors", "covariance_shard_00000_of_00001.safetensors", "pickle", _fit_resume),
+    ("factors", "covariance_sums.safetensors", "pickle", _fit_resume),
     ("factors", "args.json", "pickle", _fit_resume),
     ("index", f"{SHARD}/sketches.npy", "npy", _merge),
     ("index", f"{SHARD}/sketches.npy", "pickle", _merge),
