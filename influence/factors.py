@@ -175,11 +175,7 @@ class PassSums:
         self.waiting[shard] = sums
         while self.done in self.waiting:
             for key, value in self.waiting.pop(self.done).items():
-                value = read_only_tensor(value)
-                if key in self.sums:
-                    self.sums[key].add_(value)
-                else:
-                    self.sums[key] = value.clone()
+                _accumulate(self.sums, key, read_only_tensor(value))
             self.done += 1
         due = time.monotonic() - self.saved_at >= 10 * self.save_seconds
         if self.done > self.saved_done and (due or self.done == self.num_shards):
@@ -199,11 +195,12 @@ class PassSums:
 
 
 def default_num_shards(sequences: pa.Table, batch_tokens: int, workers: int) -> int:
-    """Shards per pass when not asked: about 8 batches each, and at least 4 per worker (while the corpus allows), so the
-    bar moves and a killed fit loses little; a shard's sums (a module's d_in^2 + d_out^2 numbers, the size of the work
-    on one token) cross to the driver once per shard, which 8 batches of tokens outweigh."""
-    tokens = int(pc.sum(pc.list_value_length(sequences["input_ids"])).as_py() or 0)
-    return max(1, min(sequences.num_rows, max(math.ceil(tokens / (8 * batch_tokens)), 4 * workers)))
+    """Shards per pass when not asked: about 8 batches each; more, up to 4 per worker, while each keeps 2 batches (a
+    batch's sums cost the same however few its tokens, and a shard ends on a part batch); at least one per worker.
+    A shard's sums (a module's d_in^2 + d_out^2 numbers, the size of the work on one token) cross to the driver once."""
+    batches = int(pc.sum(pc.list_value_length(sequences["input_ids"])).as_py() or 0) / batch_tokens
+    shards = max(math.ceil(batches / 8), min(4 * workers, int(batches // 2)), workers)
+    return max(1, min(sequences.num_rows, shards))
 
 
 @dataclass(frozen=True)
@@ -488,4 +485,7 @@ def _warn_old_label_draws(factors_dir: Path, manifest: dict) -> None:
 
 
 def _accumulate(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
-    sums[key] = sums[key] + value if key in sums else value.clone()
+    if key in sums:
+        sums[key].add_(value)
+    else:
+        sums[key] = value.clone()
