@@ -61,7 +61,7 @@ def fit_options(parser):
     parser.add_argument("--model", type=model_argument, required=True, help="model: save_pretrained directory, .gguf file or Hub id")
     parser.add_argument("--corpus", type=path_argument, required=True, help="corpus directory, or documents to tokenise into OUT/corpus")
     parser.add_argument("--out", type=path_argument, required=True, help="output factors directory")
-    parser.add_argument("--num-shards", type=int, default=None, help="split each pass into this many tasks (default: about 8 batches each, up to 4 per worker while each keeps 2 batches)")
+    parser.add_argument("--num-shards", type=int, default=None, help="split each pass into this many tasks (default: about 32 batches each, at least one per worker)")
     add_run_options(parser)
     add_dataclass_options(parser, FactorArgs)
     add_dataclass_options(parser, CorpusArgs, skip=("add_special_tokens",))

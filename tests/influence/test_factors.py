@@ -268,13 +268,13 @@ def test_loading_factors_of_the_old_label_draw_warns_once(llama_dir, corpus_dir,
 
 
 @pytest.mark.parametrize("rows, tokens, batch_tokens, workers, expected", [
-    (64, 36, 2048, 1, 1),        # a batch and a bit: one shard, not four part batches
-    (64, 36, 2048, 2, 2),        # still one shard per worker
-    (1209, 36, 1024, 2, 8),      # 42 batches: 4 per worker, each over 2 batches
-    (100_000, 500, 2048, 2, 3052),  # 24,414 batches: about 8 each
-    (3, 4096, 16, 2, 3),         # never more shards than sequences
+    (64, 36, 2048, 1, 1),        # a batch and a bit: one shard
+    (64, 36, 2048, 2, 2),        # one shard per worker
+    (1209, 36, 1024, 2, 2),      # 42 batches: still one shard per worker
+    (100_000, 500, 2048, 2, 763),  # 24,414 batches: about 32 each
+    (3, 4096, 16, 8, 3),         # never more shards than sequences
 ])
-def test_default_shards_hold_whole_batches_and_give_every_worker_work(rows, tokens, batch_tokens, workers, expected):
+def test_default_shards_hold_many_batches_and_give_every_worker_work(rows, tokens, batch_tokens, workers, expected):
     import pyarrow as pa
 
     from influence.factors import default_num_shards
