@@ -14,7 +14,7 @@ Strategies store what their preconditioner needs:
   ekfac     basis, Lambda corrected (pass 2)
 Damping defaults to damping_scale x mean(Lambda) per module (the paper's 0.1).
 
-A pass splits the corpus into shards (tasks of a few batches each, whatever the number of workers) and adds their
+A pass splits the corpus into shards (tasks of about 32 batches, at least one per worker) and adds their
 sums on the driver, in shard order, into one file per pass (`PassSums`): a fit's disk use does not grow with its
 workers, its bar moves shard by shard, and a killed fit resumes from the shards summed when it was last saved.
 
